@@ -683,7 +683,7 @@ class FileSystem:
 
     def _apply_attrs(self, inode, mode, uid, gid, atime, mtime, ctime, now) -> None:
         if mode is not None:
-            inode.mode = (inode.mode & S_IFMT) | (mode & 0o7777)
+            inode.mode = S_IFMT(inode.mode) | (mode & 0o7777)
         if uid is not None:
             inode.uid = uid
         if gid is not None:

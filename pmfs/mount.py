@@ -1,0 +1,417 @@
+"""mount.pmfs / pmfs: mount a pmfs image through FUSE.
+
+    mount.pmfs IMAGE MOUNTPOINT [-o OPTIONS] [-f] [--debug]
+    pmfs IMAGE MOUNTPOINT -o OPTIONS          (what mount.fuse3 runs)
+
+An fstab line mounts it at boot or with `mount /mnt/pmfs`:
+
+    /var/lib/pmfs/default.img  /mnt/pmfs  fuse.pmfs  defaults  0 0
+
+Without -f the program forks: the parent returns once the file system is
+live (exit 0) or prints why it could not mount (exit 32).  The daemon
+holds an exclusive lock on the image for as long as it runs, replays the
+WAL and processes orphans before serving, and on SIGTERM, SIGINT or
+`fusermount3 -u` persists everything and marks the image clean.
+
+Exit codes (as mount(8)): 0 mounted, 1 usage error, 32 mount failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import sys
+
+from . import __version__
+from .cli import ArgumentParser, QuietError, UsageError, run
+from .fs import FileSystem, MountOptions
+from .pmem import ImageBusy, open_image
+
+log = logging.getLogger("pmfs")
+
+EXIT_OK, EXIT_USAGE, EXIT_FAIL = 0, 1, 32
+
+#: options handed to the kernel / libfuse as they are
+_FUSE_FLAGS = {"nosuid", "suid", "nodev", "dev", "noexec", "exec", "dirsync"}
+#: generic mount(8)/fstab options that concern nobody here
+_IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "_netdev",
+            "nofail", "rw", "async", "lazytime", "nolazytime", "nodiratime", "diratime",
+            "norelatime", "nostrictatime", "loud", "silent", "default_permissions"}
+
+
+class Config:
+    def __init__(self):
+        self.readonly = False
+        self.sync = False
+        self.allow_other = False
+        self.atime = "relatime"
+        self.debug = False
+        self.log = None
+        self.fsname = None
+        self.subtype = "pmfs"
+        self.backend = "auto"
+        self.attr_timeout = 1.0
+        self.entry_timeout = 1.0
+        self.fuse_flags: list[str] = []
+        self.recover_foreign = False
+
+
+def parse_options(text_list) -> Config:
+    cfg = Config()
+    for text in text_list:
+        for opt in text.split(","):
+            opt = opt.strip()
+            if not opt:
+                continue
+            key, eq, val = opt.partition("=")
+            if key == "ro":
+                cfg.readonly = True
+            elif key == "sync":
+                cfg.sync = True
+            elif key == "allow_other":
+                cfg.allow_other = True
+            elif key in ("noatime", "relatime", "strictatime"):
+                cfg.atime = key
+            elif key == "atime":
+                cfg.atime = "relatime"
+            elif key == "debug":
+                cfg.debug = True
+            elif key == "log" and eq:
+                cfg.log = val
+            elif key == "fsname" and eq:
+                cfg.fsname = val
+            elif key == "subtype" and eq:
+                cfg.subtype = val
+            elif key == "backend" and val in ("auto", "libpmem", "msync"):
+                cfg.backend = val
+            elif key in ("attr_timeout", "entry_timeout") and eq:
+                try:
+                    setattr(cfg, key, float(val))
+                except ValueError:
+                    raise UsageError(f"invalid value for {key}: {val!r}") from None
+            elif key == "force_recovery":
+                cfg.recover_foreign = True
+            elif key in _FUSE_FLAGS:
+                cfg.fuse_flags.append(key)
+            elif key in _IGNORED or key.startswith(("x-", "comment")):
+                pass
+            else:
+                raise UsageError(f"unknown mount option {opt!r}")
+    return cfg
+
+
+def build_parser(prog: str) -> ArgumentParser:
+    p = ArgumentParser(
+        prog=prog,
+        description="Mount a pmfs image (made by mkfs.pmfs) at MOUNTPOINT through FUSE.",
+        epilog="Options (-o, comma separated): ro, sync (every write durable on return), "
+               "allow_other (other users may access; implies default_permissions, which "
+               "is always on), noatime|relatime|strictatime, debug (trace every request), "
+               "log=PATH (daemon log file; default: syslog when in the background), "
+               "fsname=NAME, subtype=NAME, backend=auto|libpmem|msync, "
+               "attr_timeout=SECONDS, entry_timeout=SECONDS, nosuid, nodev, noexec, "
+               "force_recovery (recover an image marked as mounted on another host). "
+               "Generic fstab options (defaults, rw, auto, nofail, _netdev, ...) are "
+               "accepted and ignored. Exit codes: 0 mounted, 1 usage error, 32 mount failure.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (log to stderr)")
+    p.add_argument("-s", dest="single", action="store_true",
+                   help="accepted for compatibility (pmfs always serves one request "
+                        "at a time)")
+    p.add_argument("-n", dest="no_mtab", action="store_true",
+                   help="accepted for compatibility with mount helpers")
+    p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    p.add_argument("-V", "--version", action="version", version=f"pmfs {__version__}")
+    return p
+
+
+def _setup_logging(cfg: Config, foreground: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    level = logging.DEBUG if cfg.debug else logging.INFO
+    fmt = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
+    if cfg.log:
+        handler = logging.FileHandler(cfg.log)
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        fmt = "pmfs[%(process)d]: %(levelname)s: %(message)s"
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("pyfuse3").setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
+
+
+def _check_mountpoint(path: str) -> None:
+    if not os.path.exists(path):
+        raise QuietError(f"mount point {path} does not exist", EXIT_FAIL)
+    if not os.path.isdir(path):
+        raise QuietError(f"mount point {path} is not a directory", EXIT_FAIL)
+    if os.path.ismount(path):
+        try:
+            with open("/proc/self/mounts") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 2 and os.path.realpath(path) == parts[1] \
+                            and parts[2].startswith("fuse"):
+                        raise QuietError(f"{path} is already a FUSE mount point", EXIT_FAIL)
+        except OSError:
+            pass
+
+
+class Daemon:
+    """Opens the image, mounts, serves, and cleans up."""
+
+    def __init__(self, image: str, mountpoint: str, cfg: Config):
+        self.image = os.path.abspath(image)
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.cfg = cfg
+        self.img = None
+        self.fs = None
+        self.ops = None
+        self.mounted = False
+
+    def prepare(self) -> None:
+        """Everything that can fail before the mount is live."""
+        cfg = self.cfg
+        readonly = cfg.readonly
+        if not readonly and not os.access(self.image, os.W_OK) and os.path.exists(self.image):
+            log.warning("%s is not writable: mounting read-only", self.image)
+            readonly = True
+            cfg.readonly = True
+        try:
+            self.img = open_image(self.image, readonly=readonly, backend=cfg.backend,
+                                  lock="shared" if readonly else "exclusive")
+        except ImageBusy:
+            raise QuietError(f"{self.image} is already mounted (or being checked by "
+                             f"fsck.pmfs)", EXIT_FAIL) from None
+        try:
+            self._refuse_foreign_owner()
+            self.fs = FileSystem(self.img, MountOptions(readonly=readonly, sync=cfg.sync,
+                                                        atime=cfg.atime))
+        except BaseException:
+            self.img.close()
+            raise
+        if not self.fs.was_clean:
+            log.warning("%s was not cleanly unmounted: replayed %d transaction(s), "
+                        "processed %d orphan(s)", self.image,
+                        self.fs.stats["recovered_tx"], self.fs.stats["orphans"])
+        log.info("opened %s (%s)", self.image, self.img.describe())
+
+    def _refuse_foreign_owner(self) -> None:
+        from .superblock import SuperblockManager
+        sb = SuperblockManager(self.img).load()
+        host = socket.gethostname()
+        if (not sb.clean and sb.owner_host and sb.owner_host != host
+                and not self.cfg.recover_foreign):
+            raise QuietError(
+                f"{self.image} is marked as mounted on host {sb.owner_host!r}; if that "
+                f"host is down, mount with -o force_recovery", EXIT_FAIL)
+
+    def fuse_options(self) -> set[str]:
+        cfg = self.cfg
+        opts = {"default_permissions", f"fsname={cfg.fsname or self.image}",
+                f"subtype={cfg.subtype}"}
+        if cfg.allow_other:
+            opts.add("allow_other")
+        if cfg.readonly:
+            opts.add("ro")
+        opts.update(cfg.fuse_flags)
+        return opts
+
+    def mount(self) -> None:
+        import pyfuse3
+
+        from .fuseops import Operations
+        cfg = self.cfg
+        self.ops = Operations(self.fs, cfg.attr_timeout, cfg.entry_timeout, cfg.debug)
+        try:
+            pyfuse3.init(self.ops, self.mountpoint, self.fuse_options())
+        except RuntimeError as e:
+            hint = ""
+            if cfg.allow_other and os.getuid() != 0:
+                hint = " (allow_other needs user_allow_other in /etc/fuse.conf)"
+            raise QuietError(f"cannot mount on {self.mountpoint}: {e}{hint}",
+                             EXIT_FAIL) from None
+        self.mounted = True
+        log.info("mounted %s on %s", self.image, self.mountpoint)
+
+    def serve(self) -> None:
+        import pyfuse3
+        import trio
+
+        terminated = {"by_signal": False}
+
+        async def watch_signals(cancel):
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                           signal.SIGHUP) as sigs:
+                async for sig in sigs:
+                    if sig == signal.SIGHUP:
+                        self.fs.sync()
+                        continue
+                    log.info("signal %d: unmounting", sig)
+                    terminated["by_signal"] = True
+                    pyfuse3.terminate()
+                    return
+
+        async def housekeeping():
+            while True:
+                await trio.sleep(5)
+                try:
+                    if self.fs.lazy:
+                        self.fs.flush_lazy()
+                except Exception:
+                    log.exception("periodic inode write-back failed")
+
+        async def main():
+            async with trio.open_nursery() as n:
+                n.start_soon(watch_signals, n.cancel_scope)
+                if not self.cfg.readonly:
+                    n.start_soon(housekeeping)
+                await pyfuse3.main(min_tasks=1, max_tasks=4)
+                n.cancel_scope.cancel()
+
+        try:
+            trio.run(main)
+        finally:
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception:
+                log.exception("error while closing the FUSE session")
+            self.mounted = False
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.fs is not None and not self.fs.closed:
+            try:
+                self.fs.close()
+                log.info("%s cleanly unmounted", self.image)
+            except Exception:
+                log.exception("error while writing the image at unmount; run fsck.pmfs")
+        if self.ops is not None:
+            log.info("%s", self.ops.summary())
+        if self.img is not None:
+            self.img.close()
+            self.img = None
+
+
+def _daemonize_and_mount(args, cfg: Config) -> int:
+    """Fork; the child mounts and serves, the parent waits for the verdict."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            msg = r.read().decode("utf-8", "replace")
+        if msg.startswith("OK"):
+            return EXIT_OK
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        if not msg:
+            msg = "ERR 32 the mount daemon died during start-up"
+        _tag, code, text = msg.split(" ", 2)
+        print(f"{_prog()}: {text}", file=sys.stderr)
+        return int(code)
+    # child
+    os.close(rfd)
+    os.setsid()
+    code = EXIT_FAIL
+    d = None
+    try:
+        _setup_logging(cfg, foreground=False)
+        d = Daemon(args.image, args.mountpoint, cfg)
+        d.prepare()
+        d.mount()
+    except BaseException as e:  # report to the parent, never a traceback
+        if isinstance(e, QuietError):
+            text, code = str(e), e.code if e.code is not None else EXIT_FAIL
+        elif isinstance(e, OSError):
+            text = e.strerror or str(e)
+            if e.filename:
+                text = f"{e.filename}: {text}"
+            if e.errno == errno.EUCLEAN:
+                code = EXIT_FAIL
+        else:
+            text = str(e) or type(e).__name__
+            log.exception("mount failed")
+        if d is not None:
+            d.shutdown()
+        os.write(wfd, f"ERR {code} {text}".encode())
+        os.close(wfd)
+        os._exit(code)
+    os.write(wfd, b"OK")
+    os.close(wfd)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    rc = 0
+    try:
+        d.serve()
+    except BaseException:
+        log.exception("daemon failed")
+        rc = 1
+    os._exit(rc)
+
+
+def _foreground(args, cfg: Config) -> int:
+    _setup_logging(cfg, foreground=True)
+    d = Daemon(args.image, args.mountpoint, cfg)
+    try:
+        d.prepare()
+        d.mount()
+    except BaseException:
+        d.shutdown()
+        raise
+    d.serve()
+    return EXIT_OK
+
+
+_PROG = ["mount.pmfs"]
+
+
+def _prog() -> str:
+    return _PROG[0]
+
+
+def main_args(argv) -> int:
+    a = build_parser(_prog()).parse_args(argv)
+    cfg = parse_options(a.options)
+    if a.debug:
+        cfg.debug = True
+    if not os.path.lexists(a.image):
+        raise QuietError(f"{a.image}: no such file (create it with mkfs.pmfs)", EXIT_FAIL)
+    if os.path.isdir(a.image):
+        raise QuietError(f"{a.image}: is a directory, not an image file", EXIT_FAIL)
+    _check_mountpoint(a.mountpoint)
+    if a.foreground:
+        return _foreground(a, cfg)
+    return _daemonize_and_mount(a, cfg)
+
+
+def main(argv=None) -> None:
+    _PROG[0] = "mount.pmfs"
+    sys.exit(run(_prog(), main_args, argv, usage_code=EXIT_USAGE, error_code=EXIT_FAIL))
+
+
+def main_fuse(argv=None) -> None:
+    """Entry point named `pmfs`, the helper mount.fuse3 runs for fuse.pmfs."""
+    _PROG[0] = "pmfs"
+    sys.exit(run(_prog(), main_args, argv, usage_code=EXIT_USAGE, error_code=EXIT_FAIL))
+
+
+if __name__ == "__main__":
+    main()
