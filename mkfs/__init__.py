@@ -191,8 +191,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
     p.add_argument("-n", dest="dry_run", action="store_true",
                    help="print the layout, write nothing")
-    p.add_argument("--preallocate", action="store_true",
-                   help="allocate the image's space now (fallocate) instead of sparse")
+    p.add_argument("--sparse", action="store_true",
+                   help="leave a new or resized image file sparse (default: allocate its "
+                        "space now, like a PMDK pool: no allocation faults later)")
     p.add_argument("--debug", action="store_true", help="tracebacks on errors")
     p.add_argument("-V", "--version", action="version", version=f"mkfs.pmfs {__version__}")
     return p
@@ -272,11 +273,13 @@ def main_args(argv) -> int:
             raise QuietError(f"{path}: cannot create: {e.strerror}") from None
         try:
             os.ftruncate(fd, geo.total_blocks * BLOCK_SIZE)
-            if a.preallocate:
+            if not a.sparse:
                 _preallocate(fd, geo.total_blocks * BLOCK_SIZE, path)
-        except OSError as e:
+        except (OSError, QuietError) as e:
             os.close(fd)
             os.unlink(path)
+            if isinstance(e, QuietError):
+                raise
             raise QuietError(f"{path}: cannot size the image: {e.strerror}") from None
         os.close(fd)
         zero_meta = False  # a new sparse file reads as zeros
@@ -286,7 +289,7 @@ def main_args(argv) -> int:
             # empty the file (fast and leaves no stale metadata), then size it
             os.ftruncate(fd, 0)
             os.ftruncate(fd, geo.total_blocks * BLOCK_SIZE)
-            if a.preallocate:
+            if not a.sparse:
                 _preallocate(fd, geo.total_blocks * BLOCK_SIZE, path)
         except OSError as e:
             raise QuietError(f"{path}: cannot size the image: {e.strerror}") from None
@@ -314,8 +317,10 @@ def _preallocate(fd: int, size: int, path: str) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise QuietError(f"{path}: not enough space to preallocate {human(size)}") \
-                from None
+            raise QuietError(f"{path}: not enough space to allocate {human(size)} "
+                             f"(use --sparse for a sparse image)") from None
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return  # the file system cannot preallocate: stay sparse
         raise
 
 

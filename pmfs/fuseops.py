@@ -35,6 +35,19 @@ from .layout import Inode
 log = logging.getLogger(__name__)
 
 
+def _fmt(args) -> str:
+    """Request arguments for the debug log (data abbreviated)."""
+    out = []
+    for a in args:
+        if isinstance(a, (bytes, bytearray, memoryview)) and len(a) > 64:
+            out.append(f"<{len(a)} bytes>")
+        elif isinstance(a, (int, bytes, str, float)) or a is None:
+            out.append(repr(a))
+        else:
+            out.append(type(a).__name__)
+    return "(" + ", ".join(out) + ")"
+
+
 def _handler(fn):
     """Wrap a synchronous handler body into a pyfuse3 coroutine."""
     name = fn.__name__
@@ -46,21 +59,21 @@ def _handler(fn):
             res = fn(self, *args)
         except FUSEError as e:
             if self.debug:
-                log.debug("%s%r -> %s", name, args, os.strerror(e.errno))
+                log.debug("%s%s -> %s", name, _fmt(args), os.strerror(e.errno))
             raise
         except OSError as e:
             code = e.errno or errno.EIO
             if code == errno.EIO:
                 self.errors += 1
             if self.debug:
-                log.debug("%s%r -> %s", name, args, os.strerror(code))
+                log.debug("%s%s -> %s", name, _fmt(args), os.strerror(code))
             raise FUSEError(code) from None
         except Exception:
             self.errors += 1
-            log.exception("internal error in %s%r (answered EIO)", name, args)
+            log.exception("internal error in %s%s (answered EIO)", name, _fmt(args))
             raise FUSEError(errno.EIO) from None
         if self.debug:
-            log.debug("%s%r -> ok", name, args)
+            log.debug("%s%s -> ok", name, _fmt(args))
         return res
     return wrapper
 
