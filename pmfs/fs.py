@@ -301,12 +301,15 @@ class FileSystem:
             pass
         gid = ctx.gid
         if parent.mode & stat.S_ISGID:
+            # BSD group semantics in a setgid directory (inode_init_owner);
+            # a group-executable setgid file made by an outsider of that
+            # group loses S_ISGID (mode_strip_sgid)
             gid = parent.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        elif (mode & stat.S_ISGID and not stat.S_ISDIR(mode) and ctx.uid != 0
-              and gid != parent.gid and gid not in ctx.groups):
-            mode &= ~stat.S_ISGID
+            elif (mode & (stat.S_ISGID | stat.S_IXGRP) == (stat.S_ISGID | stat.S_IXGRP)
+                  and ctx.uid != 0 and ctx.gid != gid and gid not in ctx.groups):
+                mode &= ~stat.S_ISGID
         now = time.time_ns()
         inode = Inode(ino, mode=mode, uid=ctx.uid, gid=gid, generation=gen, atime=now,
                       mtime=now, ctime=now, btime=now, rdev=rdev)
@@ -669,7 +672,8 @@ class FileSystem:
             uid = None
         if gid is not None and gid == 0xFFFFFFFF:
             gid = None
-        if size is not None and size < inode.size:
+        if size is not None and size <= inode.size:
+            # also for the same size: blocks preallocated past EOF go (ext4)
             self._shrink(inode, size, mode=mode, uid=uid, gid=gid, atime=atime,
                          mtime=mtime, ctime=ctime, now=now)
             return inode
@@ -956,18 +960,17 @@ class FileSystem:
             raise _err(errno.ENOENT)
         if noreplace and dst is not None:
             raise _err(errno.EEXIST)
-        if p1 is p2 and name == newname:
-            return
         src_dir = stat.S_ISDIR(src.mode)
         dst_dir = dst is not None and stat.S_ISDIR(dst.mode)
+        # the checks in the order the kernel makes them (do_renameat2)
         if src_dir and p2 is not p1 and self._is_ancestor(src.ino, p2):
-            raise _err(errno.EINVAL)
-        if exchange:
-            if dst_dir and p1 is not p2 and self._is_ancestor(dst.ino, p1):
-                raise _err(errno.EINVAL)
-        elif dst is not None:
-            if dst is src:
-                return  # two names of one inode: POSIX says do nothing
+            raise _err(errno.EINVAL)  # source is an ancestor of the target
+        if dst_dir and p1 is not p2 and self._is_ancestor(dst.ino, p1):
+            # target is an ancestor of the source
+            raise _err(errno.EINVAL if exchange else errno.ENOTEMPTY)
+        if p1 is p2 and name == newname or dst is src:
+            return  # one name, or two names of one inode: nothing to do
+        if not exchange and dst is not None:
             if src_dir and not dst_dir:
                 raise _err(errno.ENOTDIR)
             if not src_dir and dst_dir:
@@ -1201,28 +1204,17 @@ class FileSystem:
         segs = t.map_range(lb0, nblk)
         holes = sum(k for _s, k, p in segs if p == 0)
         if holes:
-            if holes > self.balloc.free:
-                # write what fits (a short write), or ENOSPC if nothing does
-                fit = self.balloc.free
-                if fit <= 0:
-                    raise NoSpace()
-                left = fit
-                cut = None
-                for s, k, p in segs:
-                    if p == 0:
-                        if k > left:
-                            cut = s + left
-                            break
-                        left -= k
-                if cut is not None:
-                    end = min(end, cut * BLOCK_SIZE)
-                    if end <= off:
-                        raise NoSpace()
-                    n = end - off
-                    data = memoryview(data)[:n]
-                    nblk = ((end - 1) >> 12) - lb0 + 1
-                    segs = t.map_range(lb0, nblk)
-            return self._write_alloc(inode, off, data, segs)
+            avail = self.balloc.free
+            try:
+                return self._write_fit(inode, off, data, segs, avail)
+            except OSError as e:
+                # nothing was written: the extent tree needed blocks too;
+                # leave it room and write what still fits
+                if e.errno != errno.ENOSPC:
+                    raise
+                avail -= self._tree_reserve(self.tree(inode))
+                segs = self.tree(inode).map_range(lb0, nblk)
+                return self._write_fit(inode, off, data, segs, avail)
         self._zero_tail(inode, inode.size, off)
         self._copy_in(off, data, segs)
         now = time.time_ns()
@@ -1257,7 +1249,76 @@ class FileSystem:
             img.write(dst, mv[a - off:b - off])
             img.flush(dst, b - a)
 
+    def _write_fit(self, inode: Inode, off: int, data, segs, avail: int) -> int:
+        """Write as much of `data` as `avail` new blocks allow (short write);
+        ENOSPC if not even one byte fits."""
+        if avail <= 0:
+            raise NoSpace()
+        left = avail
+        end = off + len(data)
+        cut = None
+        for s, k, p in segs:
+            if p == 0:
+                if k > left:
+                    cut = s + left
+                    break
+                left -= k
+        if cut is not None:
+            end = min(end, cut * BLOCK_SIZE)
+            if end <= off:
+                raise NoSpace()
+            data = memoryview(data)[:end - off]
+            lb0 = off >> 12
+            segs = [sg for sg in segs if sg[0] < cut]
+            s, k, p = segs[-1]
+            if s + k > cut:
+                segs[-1] = (s, cut - s, p)
+            assert sum(k for _s, k, p in segs if p == 0) <= avail
+            del lb0
+        return self._write_alloc(inode, off, data, segs)
+
+    #: hole runs filled per transaction: bounds the log record of one step
+    HOLES_PER_TX = 16
+
+    @staticmethod
+    def _tree_reserve(t: ExtentTree) -> int:
+        """Blocks an insertion may need for extent-tree node splits."""
+        return t.root.depth + 2
+
+    def _chunks(self, segs):
+        """Split segments into runs holding at most HOLES_PER_TX holes."""
+        i = 0
+        while i < len(segs):
+            j = i
+            holes = 0
+            while j < len(segs) and (segs[j][2] or holes < self.HOLES_PER_TX):
+                if segs[j][2] == 0:
+                    holes += 1
+                j += 1
+            yield segs[i:j]
+            i = j
+
     def _write_alloc(self, inode: Inode, off: int, data, segs) -> int:
+        """A write that fills holes: one transaction per HOLES_PER_TX holes.
+        Returns the bytes written (short if space runs out part-way)."""
+        mv = memoryview(data)
+        if mv.format != "B":
+            mv = mv.cast("B")
+        end = off + len(mv)
+        done = 0
+        for chunk in self._chunks(segs):
+            a = max(off, chunk[0][0] * BLOCK_SIZE)
+            b = min(end, (chunk[-1][0] + chunk[-1][1]) * BLOCK_SIZE)
+            try:
+                self._write_alloc_tx(inode, a, mv[a - off:b - off], chunk)
+            except OSError as e:
+                if e.errno == errno.ENOSPC and done:
+                    return done
+                raise
+            done += b - a
+        return done
+
+    def _write_alloc_tx(self, inode: Inode, off: int, data, segs) -> None:
         n = len(data)
         end = off + n
         t = self.tree(inode)
@@ -1265,6 +1326,7 @@ class FileSystem:
         img = self.img
         with self.tx("write") as tx:
             self._mod(tx, inode)
+            t = self.tree(inode)
             new_segs = []
             goal = None
             for s, k, p in segs:
@@ -1295,7 +1357,6 @@ class FileSystem:
             if end > inode.size:
                 inode.size = end
             inode.mtime = inode.ctime = now
-        return n
 
     @_op
     def fsync(self, ino: int, datasync: bool = False) -> None:
@@ -1346,30 +1407,39 @@ class FileSystem:
         lb1 = (end - 1) >> 12
         t = self.tree(inode)
         segs = t.map_range(lb0, lb1 - lb0 + 1)
-        holes = [(s, k) for s, k, p in segs if p == 0]
-        need = sum(k for _s, k in holes)
+        need = sum(k for _s, k, p in segs if p == 0)
         if need > self.balloc.free:
             raise NoSpace()
         now = time.time_ns()
-        with self.tx("fallocate") as tx:
-            self._mod(tx, inode)
-            goal = None
-            for s, k in holes:
-                if goal is None:
-                    goal = t.goal_for(s)
-                cur = s
-                for q, m in self.balloc.alloc(tx, k, goal):
-                    self.img.zero(q * BLOCK_SIZE, m * BLOCK_SIZE, drain=False)
-                    t.insert(tx, cur, m, q)
-                    inode.blocks += m
-                    cur += m
-                    goal = q + m
-            tx.data_fence = True
-            if not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
-                self._zero_tail(inode, inode.size, end)
-                inode.size = end
-                inode.mtime = now
-            inode.ctime = now
+        chunks = list(self._chunks(segs)) or [[]]
+        # one transaction per HOLES_PER_TX holes; the size changes with the
+        # last one (a crash part-way leaves zeroed blocks past EOF, which
+        # the next truncate frees)
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            with self.tx("fallocate") as tx:
+                self._mod(tx, inode)
+                t = self.tree(inode)
+                goal = None
+                for s, k, p in chunk:
+                    if p:
+                        goal = p + k
+                        continue
+                    if goal is None:
+                        goal = t.goal_for(s)
+                    cur = s
+                    for q, m in self.balloc.alloc(tx, k, goal):
+                        self.img.zero(q * BLOCK_SIZE, m * BLOCK_SIZE, drain=False)
+                        t.insert(tx, cur, m, q)
+                        inode.blocks += m
+                        cur += m
+                        goal = q + m
+                tx.data_fence = True
+                if last and not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
+                    self._zero_tail(inode, inode.size, end)
+                    inode.size = end
+                    inode.mtime = now
+                inode.ctime = now
 
     def _punch(self, inode: Inode, off: int, end: int) -> None:
         size = inode.size
@@ -1425,7 +1495,11 @@ class FileSystem:
 
     @_op
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        self._check_xattr_name(name)
         inode = self.iget(ino)
+        if name.startswith(b"user.") and not (stat.S_ISREG(inode.mode)
+                                              or stat.S_ISDIR(inode.mode)):
+            raise _err(errno.ENODATA)
         if not inode.xattr:
             raise _err(errno.ENODATA)
         for k, v in self._xattrs(inode):
@@ -1464,6 +1538,9 @@ class FileSystem:
     def removexattr(self, ino: int, name: bytes) -> None:
         self._check_xattr_name(name)
         inode = self.iget(ino)
+        if name.startswith(b"user.") and not (stat.S_ISREG(inode.mode)
+                                              or stat.S_ISDIR(inode.mode)):
+            raise _err(errno.EPERM)
         items = self._xattrs(inode)
         new = [(k, v) for k, v in items if k != name]
         if len(new) == len(items):

@@ -21,9 +21,12 @@ touches, and reads during the transaction never see half-done state.
 The log area is circular.  Records never straddle its end (a SKIP record
 pads to the end).  The header block holds two 64-byte slots with (seq,
 tail position, tail txid); the newest valid slot says where recovery
-starts.  Because every committed transaction is applied and fenced before
-the next begins, reclaiming space is just moving the tail to the head,
-done when the next record would overwrite the tail (and at unmount).
+starts.  Every commit moves the tail to its own record, in the same fence
+epoch as the record: all earlier records are applied and fenced already,
+and replaying one of them later could overwrite a block that has since
+been freed and reused for file data (what jbd2 needs "revoke" records
+for).  So recovery replays at most the last two records, and log space
+needs no other reclamation.
 
 Recovery replays, from the tail, every record whose txid is the next
 expected one and whose checksum verifies, then fences and moves the tail.
@@ -237,14 +240,19 @@ class WAL:
             raise WalError("WAL header damaged (" + "; ".join(errs) + ")")
         return best
 
-    def _write_header(self, tail_pos: int, tail_txid: int) -> None:
+    def _stage_header(self, tail_pos: int, tail_txid: int) -> None:
+        """Store and flush the older header slot (no fence)."""
         slot = 1 - self.hdr_slot
         seq = self.hdr_seq + 1
         off = self.hdr_off + slot * CACHELINE
         self.img.write(off, WalHeader(seq, tail_pos, tail_txid).encode(self.fsseed, slot))
-        self.img.persist(off, CACHELINE)
+        self.img.flush(off, CACHELINE)
         self.hdr_slot, self.hdr_seq = slot, seq
         self.tail_pos, self.tail_txid = tail_pos, tail_txid
+
+    def _write_header(self, tail_pos: int, tail_txid: int) -> None:
+        self._stage_header(tail_pos, tail_txid)
+        self.img.fence()
 
     def reset(self) -> None:
         """Discard the log (fsck, after it has replayed what it could)."""
@@ -363,17 +371,14 @@ class WAL:
         area = self.area_size
         if length > area // 2:
             raise TxTooLarge(length, area // 2)
-        phys = self.head_pos % area
-        skip = area - phys if phys + length > area else 0
-        if self.head_pos + skip + length - self.tail_pos > area:
-            # every record before the head is applied and fenced
-            self.checkpoint()
         if tx.data_fence:
             img.fence()  # data before the metadata that exposes it
         img.mark("tx-begin", txid=txid, op=tx.label)
-        if skip:
-            srec = encode_skip_record(self.fsseed, txid, skip)
-            img.write(self.area_off + phys, srec)
+        start_pos, start_txid = self.head_pos, txid
+        phys = self.head_pos % area
+        if phys + length > area:
+            skip = area - phys
+            img.write(self.area_off + phys, encode_skip_record(self.fsseed, txid, skip))
             img.flush(self.area_off + phys, CACHELINE)
             self.head_pos += skip
             txid += 1
@@ -382,6 +387,13 @@ class WAL:
         off = self.area_off + phys
         img.write(off, rec)
         img.flush(off, length)
+        # The tail moves to this transaction in the same fence epoch: every
+        # earlier record is applied and fenced, and must never be replayed
+        # again -- a block it wrote may since have been freed and reused for
+        # file data (the "revoke" problem of jbd2).  If this header store is
+        # lost, the previous header names the previous record, which is
+        # still safe to replay (nothing it wrote can have been freed since).
+        self._stage_header(start_pos, start_txid)
         img.fence()
         img.mark("tx-logged", txid=txid, op=tx.label)
         if self.debug_hook:
@@ -399,7 +411,8 @@ class WAL:
         self.bytes_logged += length
 
     def checkpoint(self) -> None:
-        """Move the tail to the head: the log is empty afterwards."""
+        """Move the tail past the last record: the log is empty afterwards
+        (at unmount, so that the next mount replays nothing)."""
         if self.img.readonly:
             return
         if self.head_pos != self.tail_pos or self.next_txid != self.tail_txid:
