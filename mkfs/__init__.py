@@ -223,7 +223,8 @@ def main_args(argv) -> int:
     if a.wal is not None:
         wal_blocks = parse_size(a.wal) // BLOCK_SIZE
     size = parse_size(a.size) if a.size is not None else None
-    path = a.image
+    # a symlink (e.g. /dev/disk/by-id/...) names the file it points to
+    path = os.path.realpath(a.image) if os.path.islink(a.image) else a.image
     exists = os.path.lexists(path)
     if exists:
         try:
@@ -266,6 +267,7 @@ def main_args(argv) -> int:
         print("(dry run: nothing written)")
         return EXIT_OK
     # create or size the file
+    progress = Progress("mkfs.pmfs", quiet=a.quiet)
     if not exists:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -274,7 +276,7 @@ def main_args(argv) -> int:
         try:
             os.ftruncate(fd, geo.total_blocks * BLOCK_SIZE)
             if not a.sparse:
-                _preallocate(fd, geo.total_blocks * BLOCK_SIZE, path)
+                _preallocate(fd, geo.total_blocks * BLOCK_SIZE, path, progress)
         except (OSError, QuietError) as e:
             os.close(fd)
             os.unlink(path)
@@ -290,7 +292,7 @@ def main_args(argv) -> int:
             os.ftruncate(fd, 0)
             os.ftruncate(fd, geo.total_blocks * BLOCK_SIZE)
             if not a.sparse:
-                _preallocate(fd, geo.total_blocks * BLOCK_SIZE, path)
+                _preallocate(fd, geo.total_blocks * BLOCK_SIZE, path, progress)
         except OSError as e:
             raise QuietError(f"{path}: cannot size the image: {e.strerror}") from None
         finally:
@@ -298,7 +300,6 @@ def main_args(argv) -> int:
         zero_meta = False
     else:
         zero_meta = True
-    progress = Progress("mkfs.pmfs", quiet=a.quiet)
     img = open_image(path, lock="exclusive")
     try:
         uid, gid = (os.getuid(), os.getgid())
@@ -312,16 +313,30 @@ def main_args(argv) -> int:
     return EXIT_OK
 
 
-def _preallocate(fd: int, size: int, path: str) -> None:
+#: posix_fallocate works in chunks of this size, so that progress can be shown
+PREALLOC_CHUNK = 64 << 20
+
+
+def _preallocate(fd: int, size: int, path: str, progress: Progress | None = None) -> None:
     try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise QuietError(f"{path}: not enough space to allocate {human(size)} "
-                             f"(use --sparse for a sparse image)") from None
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            return  # the file system cannot preallocate: stay sparse
-        raise
+        off = 0
+        while off < size:
+            n = min(PREALLOC_CHUNK, size - off)
+            try:
+                os.posix_fallocate(fd, off, n)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise QuietError(f"{path}: not enough space to allocate {human(size)} "
+                                     f"(use --sparse for a sparse image)") from None
+                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    return  # the file system cannot preallocate: stay sparse
+                raise
+            off += n
+            if progress:
+                progress.update(off, size, "allocating the image")
+    finally:
+        if progress:
+            progress.done()
 
 
 def main(argv=None) -> int:

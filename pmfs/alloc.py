@@ -223,9 +223,11 @@ class Bitmap:
 
     def take(self, tx, start: int, n: int) -> None:
         """Mark [start, start+n) used (they must be free) under `tx`."""
+        lo, hi = start >> 3, ((start + n - 1) >> 3) + 1
+        saved = bytes(self.bits[lo:hi])
         changed = self._set_range(start, n, True)
         if changed != n:
-            self._set_range(start, n, False)  # cannot happen unless misused
+            self.bits[lo:hi] = saved  # cannot happen unless misused
             raise AssertionError(f"{self.name}: allocating used bits {start}+{n}")
         self.free -= n
         self._touch(tx, start, n)
@@ -245,14 +247,12 @@ class Bitmap:
         i = lo
         while i < hi:
             if not self.test(i):
-                j = self.first_clear(i)
-                i = j if j >= 0 else hi
+                i += self.run_length(i, hi - i)
                 continue
             j = self.first_clear(i)
             j = hi if j < 0 or j > hi else j
             yield i, j - i
             i = j
-        return
 
     def free_runs(self, lo: int = 0, hi: int | None = None):
         """Yield (start, length) of runs of clear bits in [lo, hi)."""

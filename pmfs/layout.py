@@ -353,8 +353,14 @@ def compute_geometry(image_size: int, inode_count: int | None = None,
 
 
 def min_image_size() -> int:
-    g = compute_geometry(1 << 30, MIN_INODES, MIN_WAL_BLOCKS)
-    return (g.data_start + MIN_DATA_BLOCKS) * BLOCK_SIZE
+    """The smallest image that holds a file system with default options."""
+    total = 1
+    while True:
+        try:
+            compute_geometry(total * BLOCK_SIZE)
+            return total * BLOCK_SIZE
+        except ValueError:
+            total += 1
 
 
 # --------------------------------------------------------------------------

@@ -174,7 +174,9 @@ class Daemon:
     """Opens the image, mounts, serves, and cleans up."""
 
     def __init__(self, image: str, mountpoint: str, cfg: Config):
-        self.image = os.path.abspath(image)
+        # an image named through a symlink (e.g. /dev/disk/by-id/...) is the
+        # file it points to; the image itself is then opened O_NOFOLLOW
+        self.image = os.path.realpath(image)
         self.mountpoint = os.path.abspath(mountpoint)
         self.cfg = cfg
         self.img = None

@@ -255,7 +255,11 @@ class WAL:
         self.img.fence()
 
     def reset(self) -> None:
-        """Discard the log (fsck, after it has replayed what it could)."""
+        """Discard the log (fsck, after it has replayed what it could).
+
+        The log area is zeroed too: with the txids starting again at 1, an
+        old record of the first lap must not look like the next one."""
+        self.img.zero(self.area_off, self.area_size)
         WAL.format(self.img, self.hdr_off // BLOCK_SIZE, self.fsseed)
         self.hdr_seq, self.hdr_slot = 1, 0
         self.tail_pos = self.head_pos = 0
