@@ -24,7 +24,7 @@ from pmfs.cli import ArgumentParser, Progress, QuietError, UsageError, human, pa
 from pmfs.layout import (BLOCK_SIZE, INODE_SIZE, ORPHAN_HEAD_INO, ROOT_INO, SB_CLEAN,
                          Geometry, Inode, Superblock, compute_geometry, fs_seed, min_image_size)
 from pmfs.pmem import open_image
-from pmfs.superblock import looks_like_pmfs, write_replica
+from pmfs.superblock import write_replica
 from pmfs.wal import WAL
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 8, 16

@@ -110,16 +110,18 @@ def build_parser(prog: str) -> ArgumentParser:
         description="Mount a pmfs image (made by mkfs.pmfs) at MOUNTPOINT through FUSE.",
         epilog="Options (-o, comma separated): ro, sync (every write durable on return), "
                "allow_other (other users may access; implies default_permissions, which "
-               "is always on), noatime|relatime|strictatime, debug (trace every request), "
-               "log=PATH (daemon log file; default: syslog when in the background), "
-               "fsname=NAME, subtype=NAME, backend=auto|libpmem|msync, "
-               "attr_timeout=SECONDS, entry_timeout=SECONDS, nosuid, nodev, noexec, "
+               "is always on), noatime|relatime|strictatime (atime = relatime), debug "
+               "(trace every request), log=PATH (daemon log file; default: stderr with -f, "
+               "else syslog, else $TMPDIR/pmfs-UID.log), fsname=NAME, subtype=NAME, "
+               "backend=auto|libpmem|msync, attr_timeout=SECONDS, entry_timeout=SECONDS, "
+               "nosuid|suid, nodev|dev, noexec|exec, dirsync (passed to the kernel), "
                "force_recovery (recover an image marked as mounted on another host). "
                "Generic fstab options (defaults, rw, auto, nofail, _netdev, ...) are "
                "accepted and ignored. Exit codes: 0 mounted, 1 usage error, 32 mount failure.")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="mount options, comma separated (see below); may be repeated")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground (log to stderr)")
     p.add_argument("-s", dest="single", action="store_true",
@@ -128,7 +130,7 @@ def build_parser(prog: str) -> ArgumentParser:
     p.add_argument("-n", dest="no_mtab", action="store_true",
                    help="accepted for compatibility with mount helpers")
     p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
-    p.add_argument("-V", "--version", action="version", version=f"pmfs {__version__}")
+    p.add_argument("-V", "--version", action="version", version=f"{prog} {__version__}")
     return p
 
 
@@ -146,11 +148,29 @@ def _setup_logging(cfg: Config, foreground: bool) -> None:
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         fmt = "pmfs[%(process)d]: %(levelname)s: %(message)s"
     else:
-        handler = logging.NullHandler()
+        # no syslog: never drop the log (corruption reports, the summary)
+        import tempfile
+        handler = logging.FileHandler(os.path.join(tempfile.gettempdir(),
+                                                   f"pmfs-{os.getuid()}.log"))
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("pyfuse3").setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
+
+
+def image_is_mounted(image: str) -> bool:
+    """True if a mount in /proc/mounts has `image` as its source (fsname)."""
+    real = os.path.realpath(image)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[2].startswith("fuse") and (
+                        parts[0] == real or parts[0] == image):
+                    return True
+    except OSError:
+        pass
+    return False
 
 
 def _check_mountpoint(path: str) -> None:
@@ -192,9 +212,10 @@ class Daemon:
             log.warning("%s is not writable: mounting read-only", self.image)
             readonly = True
             cfg.readonly = True
+        lock = "shared" if readonly else "exclusive"
         try:
             self.img = open_image(self.image, readonly=readonly, backend=cfg.backend,
-                                  lock="shared" if readonly else "exclusive")
+                                  lock=lock, wait=0 if image_is_mounted(self.image) else 10)
         except ImageBusy:
             raise QuietError(f"{self.image} is already mounted (or being checked by "
                              f"fsck.pmfs)", EXIT_FAIL) from None

@@ -47,6 +47,7 @@ import logging
 import mmap
 import os
 import stat
+import time
 
 log = logging.getLogger(__name__)
 
@@ -359,13 +360,14 @@ def _map(fd: int, size: int, readonly: bool, want_sync: bool) -> mmap.mmap:
 
 
 def open_image(path: str, readonly: bool = False, backend: str = "auto",
-               lock: str | None = None, min_size: int = 0) -> Image:
+               lock: str | None = None, min_size: int = 0, wait: float = 0) -> Image:
     """Open and map an image file (or block/DAX device).
 
     backend: "auto" (libpmem when libpmem says the file is pmem, else
     msync), "libpmem" or "msync".  lock: None, "shared" or "exclusive": an
     flock held as long as the image is open (ImageBusy if another process
-    holds a conflicting one).  Raises ImageError with a one-line reason.
+    holds a conflicting one; `wait` seconds are given to a holder that is
+    shutting down).  Raises ImageError with a one-line reason.
     """
     try:
         st = os.stat(path)
@@ -392,11 +394,16 @@ def open_image(path: str, readonly: bool = False, backend: str = "auto",
     try:
         if lock:
             op = fcntl.LOCK_EX if lock == "exclusive" else fcntl.LOCK_SH
-            try:
-                fcntl.flock(fd, op | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ImageBusy(f"{path}: in use by another process (mounted, or being "
-                                f"checked)", errno.EBUSY) from None
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, op | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise ImageBusy(f"{path}: in use by another process (mounted, or "
+                                        f"being checked)", errno.EBUSY) from None
+                    time.sleep(0.05)
         size = os.lseek(fd, 0, os.SEEK_END)
         if size < max(min_size, 1):
             raise ImageError(f"{path}: image is too small ({size} bytes)", errno.EINVAL)

@@ -315,7 +315,7 @@ class WAL:
                     img.flush(off, len(data))
                 replayed += 1
             pos, txid = rpos + length, rtxid + 1
-        if replayed or pos != h.tail_pos:
+        if (replayed or pos != h.tail_pos) and not img.readonly:
             img.fence()
             self._write_header(pos, txid)
         self.head_pos, self.next_txid = pos, txid
