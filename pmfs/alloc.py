@@ -63,7 +63,7 @@ class Bitmap:
         img = self.img
         for i in range(self.nblocks):
             raw = img.read(self.block_off(i), BLOCK_SIZE)
-            if not verify_bitmap_block(self.fsseed, i, raw):
+            if not verify_bitmap_block(self.fsseed, self.start + i, raw):
                 bad.append(i)
             self.bits[i * BITMAP_BYTES:(i + 1) * BITMAP_BYTES] = raw[:BITMAP_BYTES]
         self._mask_tail()
@@ -88,7 +88,7 @@ class Bitmap:
 
     def encode_block(self, i: int) -> bytes:
         bits = self.bits[i * BITMAP_BYTES:(i + 1) * BITMAP_BYTES]
-        return bytes(bits) + encode_bitmap_trailer(self.fsseed, i, bits)
+        return bytes(bits) + encode_bitmap_trailer(self.fsseed, self.start + i, bits)
 
     def write_all(self) -> None:
         """Write every bitmap block in place, persisted (mkfs and fsck only)."""
@@ -170,7 +170,7 @@ class Bitmap:
             off = self.block_off(blk)
             tx.write(off + a, self.bits[base + a:base + b])
             tx.write(off + BITMAP_BYTES,
-                     encode_bitmap_trailer(self.fsseed, blk,
+                     encode_bitmap_trailer(self.fsseed, self.start + blk,
                                            self.bits[base:base + BITMAP_BYTES]))
         self._dirty.clear()
         self._tx = None

@@ -479,7 +479,8 @@ def decode_wal_entries(raw, nentries: int, limit: int):
 
 BITMAP_MAGIC = 0x504D4250  # b"PBMP"
 #: trailer in the last cache line of a bitmap block: magic u32, pad u32,
-#: index of this bitmap block within its bitmap u64, csum u64
+#: image block number of this bitmap block u64, csum u64 (seeded with that
+#: block number: a bitmap block copied anywhere else does not verify)
 _BMTRAILER = struct.Struct("<IIQQ")
 
 

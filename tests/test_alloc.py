@@ -313,7 +313,7 @@ def test_persisted_bitmap_reloads_identically():
         assert r.bits == bm.bits and r.free == bm.free
         for i in range(bm.nblocks):
             raw = f.img.read(bm.block_off(i), BLOCK_SIZE)
-            assert L.verify_bitmap_block(f.seed, i, raw)
+            assert L.verify_bitmap_block(f.seed, bm.start + i, raw)
             assert bytes(raw[:BITMAP_BYTES]) == bm.bits[i * BITMAP_BYTES:(i + 1) * BITMAP_BYTES]
     assert used_set(f.bbm, f.sb.data_start, f.sb.total_blocks) == \
         set(run_bits(allocated)) | used_set(Fs().bbm, f.sb.data_start, f.sb.total_blocks)
@@ -343,7 +343,7 @@ def test_multi_block_bitmap_and_bits_past_nbits():
         # a run across the block boundary
         assert ba.alloc(tx, 150) == [(r.lo, 150)]
     for i in range(2):
-        assert L.verify_bitmap_block(SEED, i, r.img.read(bm.block_off(i), BLOCK_SIZE))
+        assert L.verify_bitmap_block(SEED, bm.start + i, r.img.read(bm.block_off(i), BLOCK_SIZE))
     fresh = r.new_bitmap()
     assert fresh.load() == [] and fresh.bits == bm.bits
     # allocate everything: nothing at or past nbits
@@ -365,7 +365,7 @@ def test_load_masks_clear_bits_past_nbits():
     r = Raw(nbits)
     # write a block whose bits past nbits are clear, with a valid trailer
     bits = bytearray(BITMAP_BYTES)
-    r.img.write(r.bm.block_off(0), bytes(bits) + L.encode_bitmap_trailer(SEED, 0, bits))
+    r.img.write(r.bm.block_off(0), bytes(bits) + L.encode_bitmap_trailer(SEED, r.bm.start, bits))
     bm = r.new_bitmap()
     assert bm.load() == []
     assert bm.free == nbits
