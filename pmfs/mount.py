@@ -233,8 +233,15 @@ class Daemon:
         log.info("opened %s (%s)", self.image, self.img.describe())
 
     def _refuse_foreign_owner(self) -> None:
+        from .layout import SB_FSCK_RUNNING, SB_NEEDS_FSCK
         from .superblock import SuperblockManager
         sb = SuperblockManager(self.img).load()
+        if sb.state & SB_FSCK_RUNNING:
+            raise QuietError(f"{self.image}: a repair by fsck.pmfs was interrupted; run "
+                             f"fsck.pmfs -y {self.image} first", EXIT_FAIL)
+        if sb.state & SB_NEEDS_FSCK:
+            log.warning("%s has damaged metadata (%d error(s) met while mounted); run "
+                        "fsck.pmfs on it soon", self.image, sb.error_count)
         host = socket.gethostname()
         if (not sb.clean and sb.owner_host and sb.owner_host != host
                 and not self.cfg.recover_foreign):
