@@ -12,6 +12,7 @@ Exit codes: 0 success, 8 operational error, 16 usage error.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import sys
@@ -266,13 +267,24 @@ def main_args(argv) -> int:
         print(describe_layout(geo, label, uuid))
         print("(dry run: nothing written)")
         return EXIT_OK
-    # create or size the file
+    # create or size the file, holding the image's lock from the first
+    # change on: a mounted image (its daemon holds the lock) is never touched
     progress = Progress("mkfs.pmfs", quiet=a.quiet)
+
+    def lock(fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise QuietError(f"{path} is in use (mounted, or being checked by fsck.pmfs); "
+                             f"unmount it first") from None
+
     if not exists:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except OSError as e:
             raise QuietError(f"{path}: cannot create: {e.strerror}") from None
+        lock(fd)
         try:
             os.ftruncate(fd, geo.total_blocks * BLOCK_SIZE)
             if not a.sparse:
@@ -283,30 +295,36 @@ def main_args(argv) -> int:
             if isinstance(e, QuietError):
                 raise
             raise QuietError(f"{path}: cannot size the image: {e.strerror}") from None
-        os.close(fd)
         zero_meta = False  # a new sparse file reads as zeros
-    elif not is_dev:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-        try:
-            # empty the file (fast and leaves no stale metadata), then size it
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, geo.total_blocks * BLOCK_SIZE)
-            if not a.sparse:
-                _preallocate(fd, geo.total_blocks * BLOCK_SIZE, path, progress)
-        except OSError as e:
-            raise QuietError(f"{path}: cannot size the image: {e.strerror}") from None
-        finally:
-            os.close(fd)
-        zero_meta = False
     else:
-        zero_meta = True
-    img = open_image(path, lock="exclusive")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as e:
+            raise QuietError(f"{path}: cannot open for writing: {e.strerror}") from None
+        lock(fd)
+        zero_meta = is_dev
+        if not is_dev:
+            try:
+                # empty the file (fast and leaves no stale metadata), then size it
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, geo.total_blocks * BLOCK_SIZE)
+                if not a.sparse:
+                    _preallocate(fd, geo.total_blocks * BLOCK_SIZE, path, progress)
+            except (OSError, QuietError) as e:
+                os.close(fd)
+                if isinstance(e, QuietError):
+                    raise
+                raise QuietError(f"{path}: cannot size the image: {e.strerror}") from None
     try:
-        uid, gid = (os.getuid(), os.getgid())
-        make_filesystem(img, geo, label, uuid, (uid, gid), progress, zero_meta)
+        img = open_image(path)  # the lock is held through `fd`
+        try:
+            uid, gid = (os.getuid(), os.getgid())
+            make_filesystem(img, geo, label, uuid, (uid, gid), progress, zero_meta)
+        finally:
+            progress.done()
+            img.close()
     finally:
-        progress.done()
-        img.close()
+        os.close(fd)
     if not a.quiet:
         print(describe_layout(geo, label, uuid))
         print(f"  backend: {'libpmem (persistent memory)' if img.is_pmem else 'msync'}")

@@ -479,7 +479,9 @@ class FileSystem:
                     with self.tx("orphan-done") as tx:
                         self._orphan_del(tx, inode)
                 n += 1
-            except (FormatError, OSError) as e:
+            except FormatError as e:
+                self.corruption(str(e))
+            except OSError as e:
                 self.corruption(f"orphan inode {ino}: {e}")
         return n
 
@@ -600,8 +602,12 @@ class FileSystem:
             return
         self.lookups.pop(ino, None)
         if not self.opens.get(ino):
-            self._flush_lazy_one(ino)
-            self._maybe_reclaim(ino)
+            try:
+                self._flush_lazy_one(ino)
+                self._maybe_reclaim(ino)
+            except FormatError as e:
+                # freeing met damage: fsck frees it (it stays an orphan)
+                self.corruption(str(e))
 
     # ------------------------------------------------------------------
     # attributes

@@ -30,7 +30,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from .fs import Ctx, FileSystem
-from .layout import Inode
+from .layout import FormatError, Inode
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,10 @@ class Operations(pyfuse3.Operations):
                 inode = fs.iget(ino)
             except OSError:
                 continue  # raced with a removal: skip the entry
+            except FormatError as e:
+                # a damaged inode: the rest of the directory stays listable
+                fs.corruption(str(e))
+                continue
             if not pyfuse3.readdir_reply(token, name, self.attrs(inode), next_id):
                 break
             if name != b"." and name != b"..":

@@ -158,6 +158,21 @@ def _setup_logging(cfg: Config, foreground: bool) -> None:
     logging.getLogger("pyfuse3").setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
 
 
+def _writable(path: str) -> bool:
+    """Can this process open `path` for writing (also immutable files)?"""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def stat_is_dir(mode: int) -> bool:
+    import stat
+    return stat.S_ISDIR(mode)
+
+
 def image_is_mounted(image: str) -> bool:
     """True if a mount in /proc/mounts has `image` as its source (fsname)."""
     real = os.path.realpath(image)
@@ -174,9 +189,16 @@ def image_is_mounted(image: str) -> bool:
 
 
 def _check_mountpoint(path: str) -> None:
-    if not os.path.exists(path):
-        raise QuietError(f"mount point {path} does not exist", EXIT_FAIL)
-    if not os.path.isdir(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise QuietError(f"mount point {path} does not exist", EXIT_FAIL) from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise QuietError(f"mount point {path} is a dead FUSE mount (its daemon died); "
+                             f"run fusermount3 -u {path} first", EXIT_FAIL) from None
+        raise QuietError(f"mount point {path}: {e.strerror}", EXIT_FAIL) from None
+    if not stat_is_dir(st.st_mode):
         raise QuietError(f"mount point {path} is not a directory", EXIT_FAIL)
     if os.path.ismount(path):
         try:
@@ -203,13 +225,19 @@ class Daemon:
         self.fs = None
         self.ops = None
         self.mounted = False
+        #: messages for the user at mount time (also logged)
+        self.warnings: list[str] = []
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        log.warning("%s", msg)
 
     def prepare(self) -> None:
         """Everything that can fail before the mount is live."""
         cfg = self.cfg
         readonly = cfg.readonly
-        if not readonly and not os.access(self.image, os.W_OK) and os.path.exists(self.image):
-            log.warning("%s is not writable: mounting read-only", self.image)
+        if not readonly and os.path.exists(self.image) and not _writable(self.image):
+            self.warn(f"{self.image} is write-protected: mounted read-only")
             readonly = True
             cfg.readonly = True
         lock = "shared" if readonly else "exclusive"
@@ -240,8 +268,8 @@ class Daemon:
             raise QuietError(f"{self.image}: a repair by fsck.pmfs was interrupted; run "
                              f"fsck.pmfs -y {self.image} first", EXIT_FAIL)
         if sb.state & SB_NEEDS_FSCK:
-            log.warning("%s has damaged metadata (%d error(s) met while mounted); run "
-                        "fsck.pmfs on it soon", self.image, sb.error_count)
+            self.warn(f"{self.image} has damaged metadata ({sb.error_count} error(s) met "
+                      f"while mounted); run fsck.pmfs on it soon")
         host = socket.gethostname()
         if (not sb.clean and sb.owner_host and sb.owner_host != host
                 and not self.cfg.recover_foreign):
@@ -266,14 +294,31 @@ class Daemon:
         from .fuseops import Operations
         cfg = self.cfg
         self.ops = Operations(self.fs, cfg.attr_timeout, cfg.entry_timeout, cfg.debug)
-        try:
-            pyfuse3.init(self.ops, self.mountpoint, self.fuse_options())
-        except RuntimeError as e:
+        # libfuse reports why a mount fails on stderr: capture it for our
+        # one-line message
+        import tempfile
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as cap:
+            os.dup2(cap.fileno(), 2)
+            try:
+                pyfuse3.init(self.ops, self.mountpoint, self.fuse_options())
+                err = None
+            except RuntimeError as e:
+                err = e
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            cap.seek(0)
+            said = " ".join(cap.read().decode("utf-8", "replace").split())
+        if err is not None:
+            reason = said.removeprefix("fuse: ") if said else str(err)
             hint = ""
             if cfg.allow_other and os.getuid() != 0:
                 hint = " (allow_other needs user_allow_other in /etc/fuse.conf)"
-            raise QuietError(f"cannot mount on {self.mountpoint}: {e}{hint}",
+            raise QuietError(f"cannot mount on {self.mountpoint}: {reason}{hint}",
                              EXIT_FAIL) from None
+        if said:
+            log.warning("libfuse: %s", said)
         self.mounted = True
         log.info("mounted %s on %s", self.image, self.mountpoint)
 
@@ -345,6 +390,8 @@ def _daemonize_and_mount(args, cfg: Config) -> int:
         with os.fdopen(rfd, "rb") as r:
             msg = r.read().decode("utf-8", "replace")
         if msg.startswith("OK"):
+            for line in msg.splitlines()[1:]:
+                print(f"{_prog()}: warning: {line}", file=sys.stderr)
             return EXIT_OK
         try:
             os.waitpid(pid, 0)
@@ -382,7 +429,7 @@ def _daemonize_and_mount(args, cfg: Config) -> int:
         os.write(wfd, f"ERR {code} {text}".encode())
         os.close(wfd)
         os._exit(code)
-    os.write(wfd, b"OK")
+    os.write(wfd, "\n".join(["OK"] + d.warnings).encode())
     os.close(wfd)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -406,6 +453,10 @@ def _foreground(args, cfg: Config) -> int:
     except BaseException:
         d.shutdown()
         raise
+    for w in d.warnings:
+        if not any(isinstance(h, logging.StreamHandler) and not isinstance(
+                h, logging.FileHandler) for h in logging.getLogger().handlers):
+            print(f"{_prog()}: warning: {w}", file=sys.stderr)
     d.serve()
     return EXIT_OK
 
