@@ -29,7 +29,7 @@ class Directory:
     """The DRAM index of one directory."""
 
     __slots__ = ("vol", "ino", "inode", "entries", "free", "free_end", "by_size", "sizes",
-                 "nblocks", "nsubdirs")
+                 "nblocks", "nsubdirs", "_order", "_order_pos")
 
     def __init__(self, vol, inode, nblocks: int):
         self.vol = vol
@@ -42,6 +42,8 @@ class Directory:
         self.by_size: dict[int, set[int]] = {}  # rec_len -> {pos}
         self.sizes: list[int] = []  # sorted keys of by_size
         self.nsubdirs = 0
+        self._order = None  # [(pos, name)] sorted, built for readdir
+        self._order_pos = None
 
     # -- loading ---------------------------------------------------------
     def load(self) -> None:
@@ -119,19 +121,18 @@ class Directory:
 
     def iter_from(self, pos: int):
         """Yield (pos, ino, ftype, name) of live records at offsets >= pos, in
-        offset order."""
-        if pos >= self.nblocks * BLOCK_SIZE or not self.entries:
+        offset order (from the index: the blocks were verified when it was
+        built)."""
+        if not self.entries:
             return
-        first = pos // BLOCK_SIZE
-        for lblk, pblk in self.blocks():
-            if lblk < first:
-                continue
-            base = lblk * BLOCK_SIZE
-            raw = self.vol.img.read(pblk * BLOCK_SIZE, BLOCK_SIZE)
-            for off, ino, _rl, ftype, name in parse_block(self.vol.fsseed, self.ino, base,
-                                                          raw):
-                if ino and base + off >= pos:
-                    yield base + off, ino, ftype, name
+        if self._order is None:
+            self._order = sorted((e[2], name) for name, e in self.entries.items())
+            self._order_pos = [p for p, _n in self._order]
+        entries = self.entries
+        for p, name in self._order[bisect_left(self._order_pos, pos):]:
+            e = entries.get(name)
+            if e is not None and e[2] == p:
+                yield p, e[0], e[1], name
 
     # -- changes (under a transaction) ------------------------------------------
     def add(self, tx, name: bytes, ino: int, ftype: int) -> int:
@@ -152,6 +153,7 @@ class Directory:
         tx.write(self._img_off(pos),
                  encode_dirent(self.vol.fsseed, self.ino, pos, ino, rec_len, ftype, name))
         self.entries[name] = (ino, ftype, pos)
+        self._order = None
         if ftype == 4:
             self.nsubdirs += 1
         tx.abort_hook(self.vol.dir_invalidate_fn(self.ino))
@@ -160,6 +162,7 @@ class Directory:
     def remove(self, tx, name: bytes) -> tuple[int, int]:
         """Delete an entry; returns its (ino, ftype)."""
         ino, ftype, pos = self.entries.pop(name)
+        self._order = None
         if ftype == 4:
             self.nsubdirs -= 1
         tx.abort_hook(self.vol.dir_invalidate_fn(self.ino))

@@ -47,6 +47,8 @@ from .wal import WAL, TxTooLarge
 log = logging.getLogger(__name__)
 
 S_IFMT = stat.S_IFMT
+#: mode (offset 0) and generation (offset 20) of an inode slot
+_SLOT_MODE_GEN = struct.Struct("<I16xI")
 MAX_NLINK = 0x7FFFFFFF
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -272,13 +274,14 @@ class FileSystem:
 
     def _mod(self, tx, inode: Inode) -> Inode:
         """Declare that `tx` changes `inode` (snapshot for abort, write at commit)."""
-        snaps = tx.meta.setdefault("inodes", {})
+        snaps = tx.meta.get("inodes")
+        if snaps is None:
+            snaps = tx.meta["inodes"] = {}
         if inode.ino not in snaps:
-            snaps[inode.ino] = snap = inode.copy()
+            snaps[inode.ino] = snap = inode.snapshot()
 
             def restore(inode=inode, snap=snap):
-                for s in Inode.__slots__:
-                    setattr(inode, s, getattr(snap, s))
+                inode.restore(snap)
                 self.trees.pop(inode.ino, None)
             tx.abort_hook(restore)
         tx.add(("inode", inode.ino), _InodeFlush(self, inode))
@@ -291,14 +294,11 @@ class FileSystem:
 
     def _new_inode(self, tx, mode: int, ctx: Ctx, parent: Inode, rdev: int = 0) -> Inode:
         ino = self.ialloc.alloc(tx, goal=parent.ino)
-        gen = 1
-        try:
-            old = self._load_inode(ino)
-            gen = (old.generation + 1) & 0xFFFFFFFF or 1
-            if old.mode:
-                log.warning("inode %d was free in the bitmap but in use in the table", ino)
-        except FormatError:
-            pass
+        # the slot's last generation + 1 (a free slot keeps its generation)
+        mode0, gen0 = _SLOT_MODE_GEN.unpack_from(self.img.buf, self.inode_off(ino))
+        gen = (gen0 + 1) & 0xFFFFFFFF or 1
+        if mode0:
+            log.warning("inode %d was free in the bitmap but in use in the table", ino)
         gid = ctx.gid
         if parent.mode & stat.S_ISGID:
             # BSD group semantics in a setgid directory (inode_init_owner);
@@ -558,6 +558,8 @@ class FileSystem:
         list until its last user goes (False)."""
         ino = inode.ino
         if self.lookups.get(ino) or self.opens.get(ino):
+            # the kernel still holds it (open, someone's cwd, a cached
+            # inode): it lives until the last release/FORGET
             self._orphan_add(tx, inode)
             return False
         self._free_inode_tx(tx, inode)
@@ -1366,8 +1368,12 @@ class FileSystem:
 
     @_op
     def fsync(self, ino: int, datasync: bool = False) -> None:
-        """Make every earlier write of `ino` durable (and its metadata)."""
-        if ino in self.lazy:
+        """Make every earlier write of `ino` durable (and its metadata).
+
+        Size and block changes are transactions already, so what may be
+        pending is only time stamps: fdatasync leaves them (POSIX allows
+        it) and costs one fence."""
+        if not datasync and ino in self.lazy:
             self._flush_lazy_one(ino)
         self.img.fence()
 

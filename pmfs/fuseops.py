@@ -230,10 +230,6 @@ class Operations(pyfuse3.Operations):
         return self.fs.write(fh, off, buf)
 
     @_handler
-    def flush(self, fh):
-        pass
-
-    @_handler
     def release(self, fh):
         self.fs.release(fh)
 

@@ -29,6 +29,7 @@ an earlier file system on the same image, does not verify.
 
 from __future__ import annotations
 
+import operator
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass, field, fields
@@ -380,9 +381,7 @@ class WalHeader:
     tail_txid: int  # txid of the record expected at tail_pos
 
     def encode(self, fsseed: int, slot: int) -> bytes:
-        body = _WALHDR.pack(WAL_HDR_MAGIC, self.seq, self.tail_pos, self.tail_txid,
-                            bytes(24), 0)[:56]
-        return body + struct.pack("<Q", csum64(body, seed_for(fsseed, TAG_WALHDR, slot)))
+        return encode_wal_header(fsseed, slot, self.seq, self.tail_pos, self.tail_txid)
 
     @classmethod
     def decode(cls, raw, fsseed: int, slot: int) -> "WalHeader":
@@ -393,6 +392,16 @@ class WalHeader:
         if csum64(raw[:56], seed_for(fsseed, TAG_WALHDR, slot)) != csum:
             raise FormatError("WAL header checksum mismatch")
         return cls(seq, pos, txid)
+
+
+_WALHDR_BODY = struct.Struct("<8sQQQ24x")
+_PACK_Q = struct.Struct("<Q").pack
+
+
+def encode_wal_header(fsseed: int, slot: int, seq: int, tail_pos: int, tail_txid: int) -> bytes:
+    """One 64-byte WAL header slot."""
+    body = _WALHDR_BODY.pack(WAL_HDR_MAGIC, seq, tail_pos, tail_txid)
+    return body + _PACK_Q(csum64(body, seed_for(fsseed, TAG_WALHDR, slot)))
 
 
 WAL_REC_MAGIC = 0x524C5750  # b"PWLR"
@@ -414,24 +423,23 @@ def align(n: int, a: int) -> int:
 
 def encode_wal_record(fsseed: int, txid: int, entries) -> bytes:
     """A log record: header + entries, padded to a cache-line multiple."""
-    parts = [b""]
     size = WAL_REC.size
+    for _off, data in entries:
+        size += WAL_ENT.size + ((len(data) + 7) & ~7)
+    total = (size + CACHELINE - 1) & ~(CACHELINE - 1)
+    rec = bytearray(total)
+    WAL_REC.pack_into(rec, 0, WAL_REC_MAGIC, WAL_REC_TX, 0, txid, total, len(entries), 0)
+    p = WAL_REC.size
+    pack_ent = WAL_ENT.pack_into
     for off, data in entries:
         n = len(data)
-        parts.append(WAL_ENT.pack(off, n, 0))
-        parts.append(data)
-        pad = (-n) % 8
-        if pad:
-            parts.append(bytes(pad))
-        size += WAL_ENT.size + n + pad
-    total = align(size, CACHELINE)
-    parts.append(bytes(total - size))
-    nent = len(entries)
-    parts[0] = WAL_REC.pack(WAL_REC_MAGIC, WAL_REC_TX, 0, txid, total, nent, 0)
-    rec = bytearray(b"".join(parts))
+        pack_ent(rec, p, off, n, 0)
+        p += WAL_ENT.size
+        rec[p:p + n] = data
+        p += (n + 7) & ~7
     struct.pack_into("<Q", rec, WAL_REC_CSUM_OFF,
                      csum64(rec, seed_for(fsseed, TAG_WALREC, txid)))
-    return bytes(rec)
+    return rec
 
 
 def encode_skip_record(fsseed: int, txid: int, length: int) -> bytes:
@@ -605,9 +613,19 @@ class Inode:
 
     def copy(self) -> "Inode":
         n = Inode.__new__(Inode)
-        for s in Inode.__slots__:
-            setattr(n, s, getattr(self, s))
+        n.restore(self.snapshot())
         return n
+
+    def snapshot(self) -> tuple:
+        """All fields, cheaply (see restore)."""
+        return _inode_fields(self)
+
+    def restore(self, values: tuple) -> None:
+        for s, v in zip(Inode.__slots__, values):
+            setattr(self, s, v)
+
+
+_inode_fields = operator.attrgetter(*Inode.__slots__)
 
 
 def inode_checksum_ok(ino: int, raw, fsseed: int) -> bool:

@@ -58,6 +58,7 @@ class Config:
         self.entry_timeout = 1.0
         self.fuse_flags: list[str] = []
         self.recover_foreign = False
+        self.readahead_kb = 4096
 
 
 def parse_options(text_list) -> Config:
@@ -93,6 +94,11 @@ def parse_options(text_list) -> Config:
                     setattr(cfg, key, float(val))
                 except ValueError:
                     raise UsageError(f"invalid value for {key}: {val!r}") from None
+            elif key == "readahead" and eq:
+                try:
+                    cfg.readahead_kb = int(val)
+                except ValueError:
+                    raise UsageError(f"invalid value for readahead: {val!r}") from None
             elif key == "force_recovery":
                 cfg.recover_foreign = True
             elif key in _FUSE_FLAGS:
@@ -114,6 +120,7 @@ def build_parser(prog: str) -> ArgumentParser:
                "(trace every request), log=PATH (daemon log file; default: stderr with -f, "
                "else syslog, else $TMPDIR/pmfs-UID.log), fsname=NAME, subtype=NAME, "
                "backend=auto|libpmem|msync, attr_timeout=SECONDS, entry_timeout=SECONDS, "
+               "readahead=KB (kernel read-ahead of the mount, default 4096; root only), "
                "nosuid|suid, nodev|dev, noexec|exec, dirsync (passed to the kernel), "
                "force_recovery (recover an image marked as mounted on another host). "
                "Generic fstab options (defaults, rw, auto, nofail, _netdev, ...) are "
@@ -322,6 +329,26 @@ class Daemon:
         self.mounted = True
         log.info("mounted %s on %s", self.image, self.mountpoint)
 
+    def _tune_readahead(self) -> None:
+        """Raise the kernel's read-ahead for this mount (its bdi): reads of a
+        pmfs file are memory copies, so fewer, larger READ requests win.
+        Done once FUSE_INIT is answered (its reply sets the read-ahead), and
+        found through mountinfo: a stat() of the mount point would wait for
+        this very daemon."""
+        kb = self.cfg.readahead_kb
+        if kb <= 0:
+            return
+        try:
+            with open("/proc/self/mountinfo") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 4 and parts[4] == self.mountpoint:
+                        dev = parts[2]
+            with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+                f.write(str(kb))
+        except (OSError, UnboundLocalError) as e:
+            log.debug("read-ahead left as it is: %s", e)
+
     def serve(self) -> None:
         import pyfuse3
         import trio
@@ -340,6 +367,10 @@ class Daemon:
                     pyfuse3.terminate()
                     return
 
+        async def tune():
+            await trio.sleep(0.3)  # FUSE_INIT has been answered by then
+            self._tune_readahead()
+
         async def housekeeping():
             while True:
                 await trio.sleep(5)
@@ -352,9 +383,10 @@ class Daemon:
         async def main():
             async with trio.open_nursery() as n:
                 n.start_soon(watch_signals, n.cancel_scope)
+                n.start_soon(tune)
                 if not self.cfg.readonly:
                     n.start_soon(housekeeping)
-                await pyfuse3.main(min_tasks=1, max_tasks=4)
+                await pyfuse3.main(min_tasks=1, max_tasks=1)  # no handler awaits
                 n.cancel_scope.cancel()
 
         try:

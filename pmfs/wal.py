@@ -40,7 +40,8 @@ import errno
 import logging
 
 from .layout import (BLOCK_SIZE, CACHELINE, WAL_REC, WAL_REC_SKIP, FormatError, WalHeader,
-                     decode_wal_entries, encode_skip_record, encode_wal_record,
+                     decode_wal_entries, encode_skip_record, encode_wal_header,
+                     encode_wal_record,
                      verify_wal_record, wal_record_header)
 from .pmem import Image
 
@@ -81,19 +82,32 @@ class Transaction:
     # -- writes and reads ------------------------------------------------
     def write(self, off: int, data) -> None:
         """Set image bytes [off, off+len(data)) to `data` at commit."""
-        mv = memoryview(data)
-        if mv.format != "B" or mv.ndim != 1:
-            mv = mv.cast("B")
-        n = len(mv)
+        n = len(data)
         if n == 0:
             return
         end = off + n
-        if off < 0 or end > self.wal.img.size:
+        wal = self.wal
+        if off < 0 or end > wal.img.size:
             raise ValueError(f"tx write [{off}, {end}) outside the image")
         lines = self.lines
-        img = self.wal.img
-        p = 0
         ln = off >> _LINE_SHIFT
+        if (end - 1) >> _LINE_SHIFT == ln:
+            # the common case: a field, a record, a bitmap word in one line
+            buf = lines.get(ln)
+            if buf is None:
+                base = ln << _LINE_SHIFT
+                if n == CACHELINE:
+                    lines[ln] = bytearray(data)
+                    return
+                buf = lines[ln] = bytearray(wal.img.buf[base:base + CACHELINE])
+            a = off & (CACHELINE - 1)
+            buf[a:a + n] = data
+            return
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        img_buf = wal.img.buf
+        p = 0
         last = (end - 1) >> _LINE_SHIFT
         while ln <= last:
             base = ln << _LINE_SHIFT
@@ -107,8 +121,7 @@ class Transaction:
                     p += CACHELINE
                     ln += 1
                     continue
-                buf = bytearray(img.read(base, CACHELINE))
-                lines[ln] = buf
+                buf = lines[ln] = bytearray(img_buf[base:base + CACHELINE])
             buf[a:b] = mv[p:p + k]
             p += k
             ln += 1
@@ -148,15 +161,16 @@ class Transaction:
     # -- commit ----------------------------------------------------------
     def entries(self) -> list[tuple[int, bytes]]:
         """The changed cache lines, coalesced into runs: [(offset, bytes)]."""
-        img = self.wal.img
+        img_buf = self.wal.img.buf
+        lines = self.lines
         out = []
         run_start = -1
         run: list = []
         prev = -2
-        for ln in sorted(self.lines):
-            buf = self.lines[ln]
+        for ln in sorted(lines):
+            buf = lines[ln]
             base = ln << _LINE_SHIFT
-            if img.read(base, CACHELINE) == buf:
+            if img_buf[base:base + CACHELINE] == buf:
                 continue
             if ln == prev + 1:
                 run.append(buf)
@@ -245,7 +259,7 @@ class WAL:
         slot = 1 - self.hdr_slot
         seq = self.hdr_seq + 1
         off = self.hdr_off + slot * CACHELINE
-        self.img.write(off, WalHeader(seq, tail_pos, tail_txid).encode(self.fsseed, slot))
+        self.img.write(off, encode_wal_header(self.fsseed, slot, seq, tail_pos, tail_txid))
         self.img.flush(off, CACHELINE)
         self.hdr_slot, self.hdr_seq = slot, seq
         self.tail_pos, self.tail_txid = tail_pos, tail_txid
