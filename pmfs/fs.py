@@ -840,6 +840,7 @@ class FileSystem:
         inode = self.iget(ino)
         if not stat.S_ISLNK(inode.mode):
             raise _err(errno.EINVAL)
+        self._touch_atime(inode)
         if inode.flags & I_INLINE:
             if inode.size > INLINE_MAX:
                 raise FormatError(f"inode {ino}: inline symlink of {inode.size} bytes")
@@ -1117,8 +1118,9 @@ class FileSystem:
         if flags & os.O_ACCMODE != os.O_RDONLY and self.readonly:
             raise _err(errno.EROFS)
         self.opens[ino] = self.opens.get(ino, 0) + 1
-        if flags & os.O_TRUNC and stat.S_ISREG(inode.mode) and \
-                flags & os.O_ACCMODE != os.O_RDONLY:
+        # O_TRUNC truncates whatever the access mode (Linux does it for
+        # O_RDONLY too; the kernel has checked write permission)
+        if flags & os.O_TRUNC and stat.S_ISREG(inode.mode):
             try:
                 if inode.size:
                     self.setattr(ino, size=0)
