@@ -82,6 +82,10 @@ class Ctx:
     gid: int = 0
     pid: int = 0
     groups: tuple = field(default=())
+    #: the kernel has already applied mode_strip_sgid (true for FUSE
+    #: requests since Linux 6.0; the adapter cannot know the caller's
+    #: supplementary groups, the kernel can)
+    sgid_stripped: bool = False
 
 
 ROOT_CTX = Ctx()
@@ -178,6 +182,9 @@ class FileSystem:
         self.lazy: dict[int, Inode] = {}  # inodes with unlogged time changes
         self.lookups: dict[int, int] = {}
         self.opens: dict[int, int] = {}
+        #: inodes whose last name went while the kernel held them: freed at
+        #: their last release/FORGET (FORGET need not read other inodes)
+        self.zombies: set[int] = set()
         self.closed = False
         if not self.readonly:
             self.stats["orphans"] = self.process_orphans()
@@ -295,7 +302,7 @@ class FileSystem:
     def _new_inode(self, tx, mode: int, ctx: Ctx, parent: Inode, rdev: int = 0) -> Inode:
         ino = self.ialloc.alloc(tx, goal=parent.ino)
         # the slot's last generation + 1 (a free slot keeps its generation)
-        mode0, gen0 = _SLOT_MODE_GEN.unpack_from(self.img.buf, self.inode_off(ino))
+        mode0, gen0 = _SLOT_MODE_GEN.unpack(self.img.read(self.inode_off(ino), 24))
         gen = (gen0 + 1) & 0xFFFFFFFF or 1
         if mode0:
             log.warning("inode %d was free in the bitmap but in use in the table", ino)
@@ -308,6 +315,7 @@ class FileSystem:
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
             elif (mode & (stat.S_ISGID | stat.S_IXGRP) == (stat.S_ISGID | stat.S_IXGRP)
+                  and not ctx.sgid_stripped
                   and ctx.uid != 0 and ctx.gid != gid and gid not in ctx.groups):
                 mode &= ~stat.S_ISGID
         now = time.time_ns()
@@ -561,6 +569,8 @@ class FileSystem:
             # the kernel still holds it (open, someone's cwd, a cached
             # inode): it lives until the last release/FORGET
             self._orphan_add(tx, inode)
+            zombies = self.zombies
+            tx.commit_hook(lambda: zombies.add(ino))
             return False
         self._free_inode_tx(tx, inode)
         return True
@@ -569,8 +579,9 @@ class FileSystem:
         return bool(self.lookups.get(ino) or self.opens.get(ino))
 
     def _maybe_reclaim(self, ino: int) -> None:
-        if self._in_use(ino) or self.readonly:
+        if ino not in self.zombies or self._in_use(ino) or self.readonly:
             return
+        self.zombies.discard(ino)
         try:
             inode = self.iget(ino)
         except OSError:
@@ -587,7 +598,9 @@ class FileSystem:
             pass
         res, victims = fn(False)
         for inode in victims:
-            if not self._in_use(inode.ino):
+            if self._in_use(inode.ino):
+                self.zombies.add(inode.ino)
+            else:
                 self._reclaim(inode)
         return res, victims
 
@@ -1111,7 +1124,7 @@ class FileSystem:
     # files
     # ------------------------------------------------------------------
     @_op
-    def open(self, ino: int, flags: int = os.O_RDONLY) -> Inode:
+    def open(self, ino: int, flags: int = os.O_RDONLY, ctx: Ctx = ROOT_CTX) -> Inode:
         inode = self.iget(ino)
         if stat.S_ISDIR(inode.mode) and flags & os.O_ACCMODE != os.O_RDONLY:
             raise _err(errno.EISDIR)
@@ -1121,12 +1134,20 @@ class FileSystem:
         # O_TRUNC truncates whatever the access mode (Linux does it for
         # O_RDONLY too; the kernel has checked write permission)
         if flags & os.O_TRUNC and stat.S_ISREG(inode.mode):
+            # with atomic O_TRUNC the kernel sends no setattr, so the
+            # set-id bits a truncation by a non-owner drops go here
+            mode = None
+            if ctx.uid != 0 and inode.mode & (stat.S_ISUID | stat.S_ISGID):
+                mode = inode.mode & ~stat.S_ISUID
+                if mode & stat.S_IXGRP:
+                    mode &= ~stat.S_ISGID
+                mode &= 0o7777
             try:
                 if inode.size:
-                    self.setattr(ino, size=0)
+                    self.setattr(ino, size=0, mode=mode)
                 else:
                     now = time.time_ns()
-                    self.setattr(ino, mtime=now, ctime=now)
+                    self.setattr(ino, mtime=now, ctime=now, mode=mode)
             except BaseException:
                 self.release(ino)
                 raise

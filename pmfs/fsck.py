@@ -48,6 +48,7 @@ In-process API (used by the crash explorer and the tests)::
 
 from __future__ import annotations
 
+import os
 import stat
 import struct
 import sys
@@ -139,6 +140,12 @@ class OverlayImage(Image):
         super().__init__(None, base.size, base.path, readonly=False)
         self.base = base
         self.pages: dict[int, bytearray] = {}
+
+    def is_hole(self, off: int, n: int) -> bool:
+        first, last = off >> 12, (off + n - 1) >> 12
+        if any(first <= p <= last for p in self.pages):
+            return False
+        return self.base.is_hole(off, n)
 
     def read(self, off: int, n: int):
         if off < 0 or n < 0 or off + n > self.size:
@@ -1062,8 +1069,10 @@ class Fsck:
         record = self._record
         for base in range(0, N, _CHUNK):
             cnt = min(_CHUNK, N - base)
-            buf = bytes(img.read(self.itoff + base * INODE_SIZE, cnt * INODE_SIZE))
             self.tick(base, N)
+            if img.is_hole(self.itoff + base * INODE_SIZE, cnt * INODE_SIZE):
+                continue  # never written: free slots (reading would allocate)
+            buf = bytes(img.read(self.itoff + base * INODE_SIZE, cnt * INODE_SIZE))
             if buf == zero_chunk[:cnt * INODE_SIZE]:
                 continue
             mv = memoryview(buf)
@@ -2239,7 +2248,8 @@ def main_args(argv) -> int:
     if mode is None and not sys.stdin.isatty():
         raise QuietError("need a terminal for interactive repairs; use -n, -p or -y",
                          EXIT_ERROR)
-    path = a.image
+    # a symlink (e.g. /dev/disk/by-id/...) names the file it points to
+    path = os.path.realpath(a.image) if os.path.islink(a.image) else a.image
     try:
         img = open_image(path, readonly=(mode == "-n"),
                          lock="shared" if mode == "-n" else "exclusive")

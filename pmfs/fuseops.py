@@ -81,7 +81,7 @@ def _handler(fn):
 def _ctx(ctx) -> Ctx:
     if ctx is None:
         return Ctx()
-    return Ctx(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
+    return Ctx(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, sgid_stripped=True)
 
 
 class Operations(pyfuse3.Operations):
@@ -211,7 +211,7 @@ class Operations(pyfuse3.Operations):
     # -- files ------------------------------------------------------------------
     @_handler
     def open(self, inode, flags, ctx):
-        self.fs.open(inode, flags)
+        self.fs.open(inode, flags, _ctx(ctx))
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     @_handler

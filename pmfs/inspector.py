@@ -232,7 +232,7 @@ def take_snapshot(live: Image, sb) -> tuple[SnapshotImage, bool, bool]:
     # copying a whole image again and again under load is costly: fewer tries
     for _ in range(SNAPSHOT_TRIES if not whole or end <= (16 << 20) else 5):
         before = _wal_header_bytes(live, sb)
-        snap = bytes(live.read(0, end))
+        snap = bytes(live.read_copy(0, end))
         after = _wal_header_bytes(live, sb)
         if before == after:
             stable = True
@@ -416,7 +416,9 @@ class Inspection:
         self.path = path
         self.errors: list[str] = []
         self.notes: list[str] = []
-        self.live = open_image(path, readonly=True, lock=None)
+        # a symlink (e.g. /dev/disk/by-id/...) names the file it points to
+        real = os.path.realpath(path) if os.path.islink(path) else path
+        self.live = open_image(real, readonly=True, lock=None)
         self.sb = None
         self.img: SnapshotImage | None = None
         self.vol: Volume | None = None

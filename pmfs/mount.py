@@ -29,7 +29,9 @@ import sys
 from . import __version__
 from .cli import ArgumentParser, QuietError, UsageError, run
 from .fs import FileSystem, MountOptions
-from .pmem import ImageBusy, open_image
+from .layout import FormatError
+from .pmem import ImageBusy, ImageError, open_image
+from .superblock import SuperblockError
 
 log = logging.getLogger("pmfs")
 
@@ -447,12 +449,17 @@ def _daemonize_and_mount(args, cfg: Config) -> int:
     except BaseException as e:  # report to the parent, never a traceback
         if isinstance(e, QuietError):
             text, code = str(e), e.code if e.code is not None else EXIT_FAIL
+            log.error("%s", text)
+        elif isinstance(e, (ImageError, SuperblockError, FormatError)):
+            text = str(e)
+            log.error("%s", text)
         elif isinstance(e, OSError):
             text = e.strerror or str(e)
             if e.filename:
                 text = f"{e.filename}: {text}"
             if e.errno == errno.EUCLEAN:
                 code = EXIT_FAIL
+            log.error("%s", text)
         else:
             text = str(e) or type(e).__name__
             log.exception("mount failed")

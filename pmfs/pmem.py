@@ -187,6 +187,24 @@ class Image:
         if drain:
             self.fence()
 
+    def is_hole(self, off: int, n: int) -> bool:
+        """True if [off, off+n) is known to hold no data (a hole of a sparse
+        image file: it reads as zeros).  Lets scanners skip holes instead of
+        reading them, which on tmpfs would allocate the pages."""
+        return False
+
+    def read_copy(self, off: int, n: int) -> bytearray:
+        """A private copy of [off, off+n); holes are not touched (see is_hole)."""
+        out = bytearray(n)
+        step = 1 << 20
+        p = off
+        while p < off + n:
+            k = min(step, off + n - p)
+            if not self.is_hole(p, k):
+                out[p - off:p - off + k] = self.read(p, k)
+            p += k
+        return out
+
     # -- housekeeping ---------------------------------------------------
     def mark(self, label: str, **info) -> None:
         """A labelled point in the store stream (recorded by TracingImage)."""
@@ -245,6 +263,13 @@ class _FileImage(Image):
         self.fd = fd
         self.mm = mm
         super().__init__(memoryview(mm), size, path, readonly)
+
+    def is_hole(self, off: int, n: int) -> bool:
+        try:
+            nxt = os.lseek(self.fd, off, os.SEEK_DATA)
+        except OSError as e:
+            return e.errno == errno.ENXIO  # no data at or after off
+        return nxt >= off + n
 
     def close(self) -> None:
         if self.mm is None:
@@ -504,6 +529,9 @@ class TracingImage(Image):
     def mark(self, label: str, **info) -> None:
         if self.record:
             self.events.append((EV_MARK, label, info))
+
+    def is_hole(self, off: int, n: int) -> bool:
+        return self.inner.is_hole(off, n)
 
     def pending(self) -> tuple[set[int], set[int]]:
         """(lines stored but not flushed, lines flushed but not fenced)."""

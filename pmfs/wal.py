@@ -99,14 +99,14 @@ class Transaction:
                 if n == CACHELINE:
                     lines[ln] = bytearray(data)
                     return
-                buf = lines[ln] = bytearray(wal.img.buf[base:base + CACHELINE])
+                buf = lines[ln] = bytearray(wal.img.read(base, CACHELINE))
             a = off & (CACHELINE - 1)
             buf[a:a + n] = data
             return
         mv = memoryview(data)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
-        img_buf = wal.img.buf
+        read = wal.img.read
         p = 0
         last = (end - 1) >> _LINE_SHIFT
         while ln <= last:
@@ -121,7 +121,7 @@ class Transaction:
                     p += CACHELINE
                     ln += 1
                     continue
-                buf = lines[ln] = bytearray(img_buf[base:base + CACHELINE])
+                buf = lines[ln] = bytearray(read(base, CACHELINE))
             buf[a:b] = mv[p:p + k]
             p += k
             ln += 1
@@ -161,7 +161,7 @@ class Transaction:
     # -- commit ----------------------------------------------------------
     def entries(self) -> list[tuple[int, bytes]]:
         """The changed cache lines, coalesced into runs: [(offset, bytes)]."""
-        img_buf = self.wal.img.buf
+        read = self.wal.img.read
         lines = self.lines
         out = []
         run_start = -1
@@ -170,7 +170,7 @@ class Transaction:
         for ln in sorted(lines):
             buf = lines[ln]
             base = ln << _LINE_SHIFT
-            if img_buf[base:base + CACHELINE] == buf:
+            if read(base, CACHELINE) == buf:
                 continue
             if ln == prev + 1:
                 run.append(buf)
