@@ -126,10 +126,8 @@ def mount_option_keys() -> set[str]:
 
 
 _VALUES = {"log": "/tmp/x.log", "fsname": "x", "subtype": "x", "backend": "msync",
-           "attr_timeout": "2", "entry_timeout": "2"}
-#: -o options the code accepts but mount.pmfs --help does not name (reported
-#: to the lead: add "suid, dev, exec, dirsync, atime" to the epilog of
-#: pmfs.mount.build_parser); strict: the case fails once it is fixed
+           "attr_timeout": "2", "entry_timeout": "2", "readahead": "1024"}
+#: -o options the code accepts but mount.pmfs --help does not name
 _UNDOCUMENTED: set = set()
 
 
