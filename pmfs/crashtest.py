@@ -75,6 +75,7 @@ import stat
 import sys
 import time
 import traceback
+from array import array
 from dataclasses import dataclass, field, replace
 
 from .crashsim import CrashSimulator, CrashState
@@ -1076,6 +1077,16 @@ class TrackImage(Image):
     def close(self) -> None:
         pass
 
+    def freeze(self) -> None:
+        """The check is over: keep only its log, compactly (an array of
+        (kind, offset, length) triples), and let the image bytes go."""
+        codes = {"r": 0, "c": 1, "w": 2}
+        flat = array("q")
+        for kind, off, n in self.log:
+            flat.extend((codes[kind], off, n))
+        self.log = flat
+        self._data = self._mv = None
+
     def classify(self, ln: int) -> str:
         """How the check depended on line `ln` of the image it started from:
         "n" not at all, "c" only through the read-back of file contents
@@ -1089,15 +1100,22 @@ class TrackImage(Image):
         hi = lo + _L
         mask = 0
         res = "n"
-        for kind, off, n in self.log:
+        log = self.log
+        if not isinstance(log, array):
+            self.freeze()
+            log = self.log
+        for i in range(0, len(log), 3):
+            off = log[i + 1]
+            n = log[i + 2]
             if off >= hi or off + n <= lo:
                 continue
-            if kind == "w":
+            kind = log[i]
+            if kind == 2:  # a write
                 a = max(off, lo) - lo
                 b = min(off + n, hi) - lo
                 mask |= ((1 << (b - a)) - 1) << a
             elif mask != _FULL:
-                if kind == "r" or mask:
+                if kind == 0 or mask:  # a metadata read, or a partial line
                     res = "x"
                     break
                 res = "c"
@@ -1283,7 +1301,7 @@ def new_work(fs, obs: Obs) -> None:
     fs.rmdir(r, b"nw.dir")
 
 
-def full_check(image: bytearray, cfg: Config) -> Obs:
+def _full_check(image: bytearray, cfg: Config) -> Obs:
     """Recover, check, observe and reuse one crash image (consumes it).
 
     1. mount (superblock selection, WAL replay, orphan processing), read the
@@ -1348,6 +1366,14 @@ def full_check(image: bytearray, cfg: Config) -> Obs:
             except Exception as e:
                 probs.append(f"remount after new work failed: {_exc(e)}")
         run_fsck(" after new work")
+    return obs
+
+
+def full_check(image: bytearray, cfg: Config) -> Obs:
+    """Recover, check, observe and reuse one crash image (consumes it): see
+    `_full_check`.  Only the log of what the check read is kept."""
+    obs = _full_check(image, cfg)
+    obs.track.freeze()
     return obs
 
 
