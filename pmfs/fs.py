@@ -17,7 +17,7 @@ Promises kept here (see docs/DESIGN.md for the flush/fence ordering):
   orphan list in the same transaction and freed at its last release/forget
   (or at the next mount after a crash).
 
-The core is single-threaded: the FUSE adapter calls it from one trio task
+The core is single-threaded: the FUSE adapter calls it for one request
 at a time and no operation awaits.
 """
 

@@ -6,7 +6,8 @@ logged with its traceback and answered with EIO, and the daemon keeps
 serving (only FUSEError may leave a pyfuse3 handler).
 
 The core is synchronous and no handler awaits, so requests are served one
-at a time, each atomically, in the order trio schedules them.
+at a time, each atomically, in the order they arrive (pmfs/fuseloop.py
+runs pyfuse3's request loop without a scheduler).
 
 Kernel caching (see docs/DESIGN.md): files are opened with keep_cache (all
 changes to the image come through this mount, which holds an exclusive

@@ -61,6 +61,7 @@ class Config:
         self.fuse_flags: list[str] = []
         self.recover_foreign = False
         self.readahead_kb = 4096
+        self.spin_us = 50
 
 
 def parse_options(text_list) -> Config:
@@ -101,6 +102,13 @@ def parse_options(text_list) -> Config:
                     cfg.readahead_kb = int(val)
                 except ValueError:
                     raise UsageError(f"invalid value for readahead: {val!r}") from None
+            elif key == "spin" and eq:
+                try:
+                    cfg.spin_us = int(val)
+                    if cfg.spin_us < 0:
+                        raise ValueError
+                except ValueError:
+                    raise UsageError(f"invalid value for spin: {val!r}") from None
             elif key == "force_recovery":
                 cfg.recover_foreign = True
             elif key in _FUSE_FLAGS:
@@ -123,6 +131,8 @@ def build_parser(prog: str) -> ArgumentParser:
                "else syslog, else $TMPDIR/pmfs-UID.log), fsname=NAME, subtype=NAME, "
                "backend=auto|libpmem|msync, attr_timeout=SECONDS, entry_timeout=SECONDS, "
                "readahead=KB (kernel read-ahead of the mount, default 4096; root only), "
+               "spin=MICROSECONDS (how long the daemon polls for the next request "
+               "before it sleeps, default 50; 0 never spins), "
                "nosuid|suid, nodev|dev, noexec|exec, dirsync (passed to the kernel), "
                "force_recovery (recover an image marked as mounted on another host). "
                "Generic fstab options (defaults, rw, auto, nofail, _netdev, ...) are "
@@ -353,46 +363,30 @@ class Daemon:
 
     def serve(self) -> None:
         import pyfuse3
-        import trio
 
-        terminated = {"by_signal": False}
+        from .fuseloop import Loop
 
-        async def watch_signals(cancel):
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
-                                           signal.SIGHUP) as sigs:
-                async for sig in sigs:
-                    if sig == signal.SIGHUP:
-                        self.fs.sync()
-                        continue
-                    log.info("signal %d: unmounting", sig)
-                    terminated["by_signal"] = True
-                    pyfuse3.terminate()
-                    return
+        loop = Loop()
+        loop.spin_ns = self.cfg.spin_us * 1000
 
-        async def tune():
-            await trio.sleep(0.3)  # FUSE_INIT has been answered by then
-            self._tune_readahead()
+        def on_signal(sig):
+            if sig == signal.SIGHUP:
+                self.fs.sync()
+                return
+            log.info("signal %d: unmounting", sig)
+            pyfuse3.terminate()
 
-        async def housekeeping():
-            while True:
-                await trio.sleep(5)
-                try:
-                    if self.fs.lazy:
-                        self.fs.flush_lazy()
-                except Exception:
-                    log.exception("periodic inode write-back failed")
+        def housekeeping():
+            if self.fs.lazy:
+                self.fs.flush_lazy()
 
-        async def main():
-            async with trio.open_nursery() as n:
-                n.start_soon(watch_signals, n.cancel_scope)
-                n.start_soon(tune)
-                if not self.cfg.readonly:
-                    n.start_soon(housekeeping)
-                await pyfuse3.main(min_tasks=1, max_tasks=1)  # no handler awaits
-                n.cancel_scope.cancel()
-
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.on_signal(sig, on_signal)
+        loop.call_later(0.3, self._tune_readahead)  # FUSE_INIT is answered by then
+        if not self.cfg.readonly:
+            loop.call_every(5, housekeeping)
         try:
-            trio.run(main)
+            loop.run(pyfuse3.main(min_tasks=1, max_tasks=1))
         finally:
             try:
                 pyfuse3.close(unmount=True)
