@@ -92,8 +92,8 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, attr_timeout: float = 1.0,
-                 entry_timeout: float = 1.0, debug: bool = False):
+    def __init__(self, fs: FileSystem, attr_timeout: float = 60.0,
+                 entry_timeout: float = 60.0, debug: bool = False):
         super().__init__()
         self.fs = fs
         self.attr_timeout = attr_timeout

@@ -56,8 +56,8 @@ class Config:
         self.fsname = None
         self.subtype = "pmfs"
         self.backend = "auto"
-        self.attr_timeout = 1.0
-        self.entry_timeout = 1.0
+        self.attr_timeout = 60.0
+        self.entry_timeout = 60.0
         self.fuse_flags: list[str] = []
         self.recover_foreign = False
         self.readahead_kb = 4096
@@ -129,7 +129,8 @@ def build_parser(prog: str) -> ArgumentParser:
                "is always on), noatime|relatime|strictatime (atime = relatime), debug "
                "(trace every request), log=PATH (daemon log file; default: stderr with -f, "
                "else syslog, else $TMPDIR/pmfs-UID.log), fsname=NAME, subtype=NAME, "
-               "backend=auto|libpmem|msync, attr_timeout=SECONDS, entry_timeout=SECONDS, "
+               "backend=auto|libpmem|msync, attr_timeout=SECONDS, entry_timeout=SECONDS (how long the kernel caches "
+               "attributes and names, default 60), "
                "readahead=KB (kernel read-ahead of the mount, default 4096; root only), "
                "spin=MICROSECONDS (how long the daemon polls for the next request "
                "before it sleeps, default 50; 0 never spins), "
@@ -226,6 +227,16 @@ def _check_mountpoint(path: str) -> None:
                     parts = line.split()
                     if len(parts) > 2 and os.path.realpath(path) == parts[1] \
                             and parts[2].startswith("fuse"):
+                        # stat() may have been answered from the kernel's
+                        # cache; statfs always asks the daemon
+                        try:
+                            os.statvfs(path)
+                        except OSError as e:
+                            if e.errno == errno.ENOTCONN:
+                                raise QuietError(
+                                    f"mount point {path} is a dead FUSE mount (its daemon "
+                                    f"died); run fusermount3 -u {path} first",
+                                    EXIT_FAIL) from None
                         raise QuietError(f"{path} is already a FUSE mount point", EXIT_FAIL)
         except OSError:
             pass
