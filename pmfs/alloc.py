@@ -348,6 +348,9 @@ class InodeAllocator:
         return self.bm.free
 
     def alloc(self, tx, goal: int | None = None) -> int:
+        """A free inode number: the first at or after `goal`, or (no goal)
+        after the last one allocated -- next fit, so that creating many
+        files does not rescan the used part of the bitmap every time."""
         bm = self.bm
         if bm.free <= 0:
             raise OSError(errno.ENOSPC, "no free inodes")

@@ -29,7 +29,7 @@ class Directory:
     """The DRAM index of one directory."""
 
     __slots__ = ("vol", "ino", "inode", "entries", "free", "free_end", "by_size", "sizes",
-                 "nblocks", "nsubdirs", "_order", "_order_pos")
+                 "nblocks", "nsubdirs", "_order", "_order_pos", "_pblks")
 
     def __init__(self, vol, inode, nblocks: int):
         self.vol = vol
@@ -44,6 +44,9 @@ class Directory:
         self.nsubdirs = 0
         self._order = None  # [(pos, name)] sorted, built for readdir
         self._order_pos = None
+        #: directory block -> image block, as looked up (a directory's
+        #: blocks never move while it lives; see forget_blocks)
+        self._pblks: dict[int, int] = {}
 
     # -- loading ---------------------------------------------------------
     def load(self) -> None:
@@ -74,11 +77,21 @@ class Directory:
                 yield s + k, p + k
 
     def _pblk(self, lblk: int) -> int:
+        p = self._pblks.get(lblk)
+        if p is not None:
+            return p
         r = self.vol.tree(self.inode).lookup(lblk)
         if r[0] is None:
             raise FormatError(f"directory {self.ino}: hole at block {lblk}")
         s, _n, p = r
-        return p + (lblk - s)
+        p += lblk - s
+        self._pblks[lblk] = p
+        return p
+
+    def forget_blocks(self, from_lblk: int) -> None:
+        """Drop the cached mappings of blocks >= from_lblk (a growth undone)."""
+        for k in [k for k in self._pblks if k >= from_lblk]:
+            del self._pblks[k]
 
     def _img_off(self, pos: int) -> int:
         return self._pblk(pos // BLOCK_SIZE) * BLOCK_SIZE + pos % BLOCK_SIZE

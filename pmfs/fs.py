@@ -185,6 +185,7 @@ class FileSystem:
         #: inodes whose last name went while the kernel held them: freed at
         #: their last release/FORGET (FORGET need not read other inodes)
         self.zombies: set[int] = set()
+        self._ohead: Inode | None = None  # the orphan list head, once read
         self.closed = False
         if not self.readonly:
             self.stats["orphans"] = self.process_orphans()
@@ -300,7 +301,7 @@ class FileSystem:
         tx.add(("inode", inode.ino), _InodeFlush(self, inode))
 
     def _new_inode(self, tx, mode: int, ctx: Ctx, parent: Inode, rdev: int = 0) -> Inode:
-        ino = self.ialloc.alloc(tx, goal=parent.ino)
+        ino = self.ialloc.alloc(tx)
         # the slot's last generation + 1 (a free slot keeps its generation)
         mode0, gen0 = _SLOT_MODE_GEN.unpack(self.img.read(self.inode_off(ino), 24))
         gen = (gen0 + 1) & 0xFFFFFFFF or 1
@@ -397,6 +398,7 @@ class FileSystem:
 
         def undo(d=d, n=lblk):
             d.nblocks = n
+            d.forget_blocks(n)
         tx.abort_hook(undo)
         return lblk * BLOCK_SIZE
 
@@ -412,22 +414,21 @@ class FileSystem:
     # orphans and freeing
     # ------------------------------------------------------------------
     def _orphan_head(self) -> Inode:
-        raw = self.img.read(self.inode_off(ORPHAN_HEAD_INO), INODE_SIZE)
-        return Inode.decode(ORPHAN_HEAD_INO, raw, self.fsseed)
+        """The orphan list head (inode slot 0), decoded once and then kept:
+        every change to it goes through `_mod`, like any cached inode."""
+        h = self._ohead
+        if h is None:
+            raw = self.img.read(self.inode_off(ORPHAN_HEAD_INO), INODE_SIZE)
+            h = self._ohead = Inode.decode(ORPHAN_HEAD_INO, raw, self.fsseed)
+        return h
 
-    def _orphan_inode(self, ino: int, head_cache: dict) -> Inode:
-        if ino == ORPHAN_HEAD_INO:
-            h = head_cache.get("head")
-            if h is None:
-                h = head_cache["head"] = self._orphan_head()
-            return h
-        return self.iget(ino)
+    def _orphan_inode(self, ino: int) -> Inode:
+        return self._orphan_head() if ino == ORPHAN_HEAD_INO else self.iget(ino)
 
     def _orphan_add(self, tx, inode: Inode) -> None:
         if inode.flags & I_ORPHAN:
             return
-        hc = tx.meta.setdefault("orphan_head", {})
-        head = self._orphan_inode(ORPHAN_HEAD_INO, hc)
+        head = self._orphan_head()
         self._mod(tx, head)
         self._mod(tx, inode)
         first = head.orphan_next
@@ -443,9 +444,8 @@ class FileSystem:
     def _orphan_del(self, tx, inode: Inode) -> None:
         if not inode.flags & I_ORPHAN:
             return
-        hc = tx.meta.setdefault("orphan_head", {})
         self._mod(tx, inode)
-        prev = self._orphan_inode(inode.orphan_prev, hc)
+        prev = self._orphan_inode(inode.orphan_prev)
         self._mod(tx, prev)
         prev.orphan_next = inode.orphan_next
         if inode.orphan_next:
@@ -472,7 +472,10 @@ class FileSystem:
         n = 0
         try:
             lst = self.orphans()
-        except (FormatError, OSError) as e:
+        except FormatError as e:
+            self.corruption(str(e))  # as an unlink meeting it later says it: logged once
+            return 0
+        except OSError as e:
             self.corruption(f"orphan list: {e}")
             return 0
         for ino in lst:
@@ -496,7 +499,7 @@ class FileSystem:
     def _free_inode_tx(self, tx, inode: Inode) -> None:
         """Free an unlinked inode and everything it owns, in `tx`."""
         self._mod(tx, inode)
-        if not inode.flags & I_INLINE:
+        if not inode.flags & I_INLINE and inode.count:  # count: root extent entries
             t = self.tree(inode)
             for p, n in t.remove_all(tx):
                 self.balloc.free_blocks(tx, p, n)
@@ -505,9 +508,7 @@ class FileSystem:
         self._orphan_del(tx, inode)
         ino = inode.ino
         gen = inode.generation
-        fresh = Inode(ino, generation=gen)
-        for s in Inode.__slots__:
-            setattr(inode, s, getattr(fresh, s))
+        inode.restore(Inode(ino, generation=gen).snapshot())
         self.ialloc.free_inode(tx, ino)
         tx.commit_hook(lambda: self._purge(ino))
 

@@ -537,11 +537,14 @@ assert _INODE_HEAD.size == 120
 #: pad u32; 128: seven 16-byte root entries, 8 spare bytes; 248: csum u64.
 #: With I_INLINE the 128 bytes 120..247 hold inline data instead.
 _EXT_ROOT_HDR = struct.Struct("<HHI")
+#: the head and the extent root header in one go (Inode.encode)
+_INODE_HEAD_EXT = struct.Struct(_INODE_HEAD.format + "HHI")
 INODE_CSUM_OFF = 248
 INLINE_OFF = 120  # inline data (symlink targets) use bytes 120..247
 INLINE_MAX = INODE_CSUM_OFF - INLINE_OFF  # 128
 EXT_ROOT_OFF = 128
 EXT_ROOT_MAX = 7
+assert _INODE_HEAD_EXT.size == EXT_ROOT_OFF
 _ZERO_INODE = bytes(INODE_SIZE)
 
 
@@ -590,14 +593,19 @@ class Inode:
         root = self.root
         if len(root) != INLINE_MAX:
             root = bytes(root[:INLINE_MAX]).ljust(INLINE_MAX, b"\0")
-        if not self.flags & I_INLINE:
-            root = _EXT_ROOT_HDR.pack(self.depth, self.count, 0) + root[8:]
-        body = _INODE_HEAD.pack(
-            self.mode, self.uid, self.gid, self.flags, self.nlink, self.generation,
-            self.size, self.blocks, self.atime, self.mtime, self.ctime, self.btime,
-            self.rdev, self.parent, self.xattr, self.orphan_next, self.orphan_prev,
-            0) + root
-        return body + struct.pack("<Q", csum64(body, seed_for(fsseed, TAG_INODE, self.ino)))
+        if self.flags & I_INLINE:
+            body = _INODE_HEAD.pack(
+                self.mode, self.uid, self.gid, self.flags, self.nlink, self.generation,
+                self.size, self.blocks, self.atime, self.mtime, self.ctime, self.btime,
+                self.rdev, self.parent, self.xattr, self.orphan_next, self.orphan_prev,
+                0) + root
+        else:
+            body = _INODE_HEAD_EXT.pack(
+                self.mode, self.uid, self.gid, self.flags, self.nlink, self.generation,
+                self.size, self.blocks, self.atime, self.mtime, self.ctime, self.btime,
+                self.rdev, self.parent, self.xattr, self.orphan_next, self.orphan_prev,
+                0, self.depth, self.count, 0) + root[EXT_ROOT_OFF - INLINE_OFF:]
+        return body + _PACK_Q(_xxh3(body, seed_for(fsseed, TAG_INODE, self.ino)))
 
     @classmethod
     def decode(cls, ino: int, raw, fsseed: int, verify: bool = True) -> "Inode":

@@ -140,6 +140,9 @@ class Image:
 
     backend = "?"
     is_pmem = False
+    #: True when mark() records something (TracingImage): callers on hot
+    #: paths skip building marks otherwise
+    traced = False
 
     def __init__(self, buf, size: int, path: str | None = None, readonly: bool = False):
         self.buf = buf
@@ -344,12 +347,15 @@ class LibpmemImage(_FileImage):
         self._lib = libpmem()
         self._anchor = ctypes.c_char.from_buffer(self.mm)
         self.addr = ctypes.addressof(self._anchor)
+        # the hot primitives, bound once (they run several times per commit)
+        self.fence = self._lib.pmem_drain
+        self._flush = self._lib.pmem_flush
 
     def flush(self, off: int, n: int) -> None:
         if n > 0:
-            self._lib.pmem_flush(self.addr + off, n)
+            self._flush(self.addr + off, n)
 
-    def fence(self) -> None:
+    def fence(self) -> None:  # replaced per instance by pmem_drain itself
         self._lib.pmem_drain()
 
     def persist(self, off: int, n: int) -> None:
@@ -471,6 +477,7 @@ class TracingImage(Image):
     """
 
     backend = "tracing"
+    traced = True
 
     def __init__(self, inner: Image, record: bool = True):
         super().__init__(inner.buf, inner.size, inner.path, inner.readonly)

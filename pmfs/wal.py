@@ -103,6 +103,17 @@ class Transaction:
             a = off & (CACHELINE - 1)
             buf[a:a + n] = data
             return
+        if not (off | n) & (CACHELINE - 1) and type(data) is not memoryview:
+            # whole lines (an inode, an extent node): no partial line to read
+            i = 0
+            for k in range(ln, ln + (n >> _LINE_SHIFT)):
+                buf = lines.get(k)
+                if buf is None:
+                    lines[k] = bytearray(data[i:i + CACHELINE])
+                else:
+                    buf[:] = data[i:i + CACHELINE]
+                i += CACHELINE
+            return
         mv = memoryview(data)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
@@ -161,8 +172,12 @@ class Transaction:
     # -- commit ----------------------------------------------------------
     def entries(self) -> list[tuple[int, bytes]]:
         """The changed cache lines, coalesced into runs: [(offset, bytes)]."""
-        read = self.wal.img.read
         lines = self.lines
+        if not lines:
+            return []
+        img = self.wal.img
+        mv = img.buf  # direct slices where the image is one mapping (not an overlay)
+        read = img.read
         out = []
         run_start = -1
         run: list = []
@@ -170,18 +185,19 @@ class Transaction:
         for ln in sorted(lines):
             buf = lines[ln]
             base = ln << _LINE_SHIFT
-            if read(base, CACHELINE) == buf:
+            if buf == (mv[base:base + CACHELINE] if mv is not None else
+                       read(base, CACHELINE)):
                 continue
             if ln == prev + 1:
                 run.append(buf)
             else:
                 if run:
-                    out.append((run_start, b"".join(run)))
+                    out.append((run_start, run[0] if len(run) == 1 else b"".join(run)))
                 run_start = base
                 run = [buf]
             prev = ln
         if run:
-            out.append((run_start, b"".join(run)))
+            out.append((run_start, run[0] if len(run) == 1 else b"".join(run)))
         return out
 
 
@@ -391,7 +407,9 @@ class WAL:
             raise TxTooLarge(length, area // 2)
         if tx.data_fence:
             img.fence()  # data before the metadata that exposes it
-        img.mark("tx-begin", txid=txid, op=tx.label)
+        traced = img.traced
+        if traced:
+            img.mark("tx-begin", txid=txid, op=tx.label)
         start_pos, start_txid = self.head_pos, txid
         phys = self.head_pos % area
         if phys + length > area:
@@ -413,14 +431,16 @@ class WAL:
         # still safe to replay (nothing it wrote can have been freed since).
         self._stage_header(start_pos, start_txid)
         img.fence()
-        img.mark("tx-logged", txid=txid, op=tx.label)
+        if traced:
+            img.mark("tx-logged", txid=txid, op=tx.label)
         if self.debug_hook:
             self.debug_hook("logged", tx)
         for eoff, data in entries:
             img.write(eoff, data)
             img.flush(eoff, len(data))
         img.fence()
-        img.mark("tx-applied", txid=txid, op=tx.label)
+        if traced:
+            img.mark("tx-applied", txid=txid, op=tx.label)
         if self.debug_hook:
             self.debug_hook("applied", tx)
         self.head_pos += length

@@ -566,7 +566,13 @@ def test_inode_numbers_out_of_range_and_reuse(memfs):
     f = mkfile(fs, ROOT, b"f")
     gen = fs.getattr(f).generation
     fs.unlink(ROOT, b"f")
-    # the slot comes back with a new generation (NFS handles stay unique)
+    # inode numbers are handed out next-fit: the freed slot is not taken
+    # again at once ...
+    h = mkfile(fs, ROOT, b"h")
+    assert h > f
+    # ... only once the allocator wraps around (as after a remount), and
+    # then with a new generation (NFS handles stay unique)
+    fs.ialloc.rotor = 1
     g = mkfile(fs, ROOT, b"g")
     assert g == f
     assert fs.getattr(g).generation != gen

@@ -341,10 +341,14 @@ def test_damaged_extent_node_met_when_freeing(prepared):
 
 def test_damaged_orphan_list_head(prepared):
     """Inode slot 0 heads the orphan list: unlinking an open file needs it.
-    The unlink is EIO (nothing changes) or works; the daemon goes on."""
+    The daemon reads it once, at mount (orphan processing), and keeps it in
+    DRAM, so the damage is met there: logged, and the unlink is EIO
+    (nothing changes) or works; the daemon goes on."""
     m, inos = prepared
-    p = m.path
+    assert m.unmount() == 0
     flip(m.image, inode_offset(m.image, 0) + 96)  # its orphan `next`
+    m.mount()
+    p = m.path
     victim = os.path.join(p, "victim")
     fd = os.open(victim, os.O_RDWR)
     try:
