@@ -1268,18 +1268,18 @@ class FileSystem:
         """Store `data` (for file offset `off`) into the mapped segments, flushed
         but not fenced."""
         img = self.img
-        mv = memoryview(data)
-        if mv.format != "B":
-            mv = mv.cast("B")
-        end = off + len(mv)
+        if type(data) is not bytes:
+            data = memoryview(data)
+            if data.format != "B":
+                data = data.cast("B")
+        end = off + len(data)
         for s, k, p in segs:
             a = max(off, s * BLOCK_SIZE)
             b = min(end, (s + k) * BLOCK_SIZE)
             if b <= a:
                 continue
-            dst = p * BLOCK_SIZE + (a - s * BLOCK_SIZE)
-            img.write(dst, mv[a - off:b - off])
-            img.flush(dst, b - a)
+            img.copy(p * BLOCK_SIZE + (a - s * BLOCK_SIZE), data, drain=False,
+                     start=a - off, n=b - a)
 
     def _write_fit(self, inode: Inode, off: int, data, segs, avail: int) -> int:
         """Write as much of `data` as `avail` new blocks allow (short write);

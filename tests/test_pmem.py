@@ -1,0 +1,188 @@
+"""The persistence layer (pmfs/pmem.py): the same primitives on every
+backend -- memory, msync (a file on ordinary storage), libpmem (a file on
+/dev/shm with PMEM_IS_PMEM_FORCE=1) and the tracing wrapper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pmfs.pmem import (EV_FENCE, EV_FLUSH, EV_STORE, ImageError, LibpmemImage, MemoryImage,
+                       MsyncImage, TracingImage, libpmem, open_image)
+
+SIZE = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _file(dirpath: str, name: str = "img") -> str:
+    path = os.path.join(dirpath, name)
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
+@pytest.fixture(params=["memory", "msync", "libpmem", "tracing"])
+def image(request, tmp_path, shm_dir, monkeypatch):
+    kind = request.param
+    if kind == "memory":
+        img = MemoryImage(SIZE)
+    elif kind == "tracing":
+        img = TracingImage(MemoryImage(SIZE))
+    elif kind == "msync":
+        img = open_image(_file(str(tmp_path)), backend="msync")
+        assert isinstance(img, MsyncImage)
+    else:
+        if libpmem() is None:
+            pytest.fail("libpmem1 is not installed (setup.sh installs it)")
+        # libpmem reads PMEM_IS_PMEM_FORCE when it loads: ask a child
+        # whether it would say pmem, then map with the backend forced
+        img = _open_forced(_file(shm_dir))
+    yield kind, img
+    img.close()
+
+
+def _open_forced(path: str):
+    """A LibpmemImage of `path`: libpmem_says_pmem runs in this process, where
+    libpmem may have loaded without PMEM_IS_PMEM_FORCE, so map it directly."""
+    import mmap
+
+    from pmfs import pmem
+    fd = os.open(path, os.O_RDWR)
+    mm = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    return pmem.LibpmemImage(path, fd, mm, SIZE, False)
+
+
+def test_write_read_roundtrip_and_zero_copy_reads(image):
+    _kind, img = image
+    img.write(100, b"hello")
+    view = img.read(100, 5)
+    assert bytes(view) == b"hello"
+    assert isinstance(view, memoryview)
+    img.write(100, b"HELLO")  # a view shows later stores: no copy was made
+    assert bytes(view) == b"HELLO"
+    del view
+
+
+def test_out_of_range_access_is_refused(image):
+    _kind, img = image
+    for fn in (lambda: img.read(SIZE - 2, 3), lambda: img.read(-1, 1),
+               lambda: img.write(SIZE - 2, b"abc"), lambda: img.write(-8, b"x"),
+               lambda: img.copy(SIZE - 1, b"ab"), lambda: img.zero(SIZE - 1, 2)):
+        with pytest.raises(ValueError):
+            fn()
+
+
+def test_copy_and_zero_persist_ranges(image):
+    kind, img = image
+    data = bytes(range(256)) * 64  # 16 KiB
+    img.copy(4096, data)
+    assert bytes(img.read(4096, len(data))) == data
+    # a slice of the source, not fenced yet: a bytes source and a memoryview
+    img.copy(65536, data, drain=False, start=1000, n=3000)
+    img.copy(131072, memoryview(data), drain=False, start=7, n=100)
+    img.fence()
+    assert bytes(img.read(65536, 3000)) == data[1000:4000]
+    assert bytes(img.read(131072, 100)) == data[7:107]
+    img.zero(4096 + 10, 5000)
+    got = bytes(img.read(4096, len(data)))
+    assert got[:10] == data[:10] and got[10:5010] == bytes(5000) and got[5010:] == data[5010:]
+    img.persist(0, SIZE)
+    if kind == "tracing":
+        assert img.pending() == (set(), set())
+
+
+def test_file_backends_reach_the_file(tmp_path, shm_dir):
+    for img, path in ((open_image(p, backend="msync"), p)
+                      for p in (_file(str(tmp_path), "a"),)):
+        img.write(8192, b"durable")
+        img.persist(8192, 7)
+        img.close()
+        with open(path, "rb") as f:
+            f.seek(8192)
+            assert f.read(7) == b"durable"
+    if libpmem() is not None:
+        path = _file(shm_dir, "b")
+        img = _open_forced(path)
+        img.copy(12288, b"durable too")
+        img.close()
+        with open(path, "rb") as f:
+            f.seek(12288)
+            assert f.read(11) == b"durable too"
+
+
+def test_msync_flush_records_pages_and_fence_syncs_them(tmp_path):
+    img = open_image(_file(str(tmp_path)), backend="msync")
+    img.write(5000, b"x" * 10)
+    img.flush(5000, 10)
+    img.flush(70000, 1)
+    assert img._pending == [(5000, 5010), (70000, 70001)]
+    img.fence()
+    assert img._pending == []
+    img.close()
+
+
+def test_backend_selection_and_reporting(shm_dir, tmp_path):
+    """auto picks libpmem where libpmem says pmem (forced on /dev/shm), msync
+    elsewhere; every image says which backend it uses."""
+    code = ("import sys; from pmfs.pmem import open_image; "
+            "img = open_image(sys.argv[1]); print(img.backend, img.describe()); img.close()")
+    shm_img = _file(shm_dir, "forced")
+    env = dict(os.environ, PMEM_IS_PMEM_FORCE="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", code, shm_img], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    if libpmem() is not None:
+        assert r.stdout.startswith("libpmem libpmem backend"), r.stdout
+    env.pop("PMEM_IS_PMEM_FORCE")
+    r = subprocess.run([sys.executable, "-c", code, _file(str(tmp_path), "plain")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("msync msync backend"), r.stdout
+    # asking for libpmem where it does not apply is a one-line error
+    code = ("import sys; from pmfs.pmem import open_image, ImageError\n"
+            "try: open_image(sys.argv[1], backend='libpmem')\n"
+            "except ImageError as e: print('refused:', e)")
+    r = subprocess.run([sys.executable, "-c", code, _file(str(tmp_path), "x")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("refused:") \
+        and "PMEM_IS_PMEM_FORCE" in r.stdout, r.stdout + r.stderr
+    with pytest.raises(ImageError):
+        open_image(os.path.join(str(tmp_path), "missing"))
+
+
+def test_libpmem_copy_from_bytes_and_other_buffers(shm_dir):
+    if libpmem() is None:
+        pytest.fail("libpmem1 is not installed (setup.sh installs it)")
+    img = _open_forced(_file(shm_dir))
+    assert isinstance(img, LibpmemImage)
+    src = os.urandom(10000)
+    img.copy(0, src, drain=False, start=123, n=5000)      # pmem_memcpy_nodrain
+    img.copy(20000, bytearray(src), drain=False, start=5, n=64)  # store + flush
+    img.fence()
+    assert bytes(img.read(0, 5000)) == src[123:5123]
+    assert bytes(img.read(20000, 64)) == src[5:69]
+    with pytest.raises(ValueError):
+        img.copy(0, src, start=9000, n=2000)  # past the end of the source
+    img.close()
+
+
+def test_tracing_records_every_store_flush_and_fence():
+    inner = MemoryImage(SIZE)
+    img = TracingImage(inner)
+    img.write(64, b"a" * 8)
+    img.write(200, b"b" * 100)  # lines 3..4
+    assert img.pending() == ({1, 3, 4}, set())
+    img.flush(64, 8)
+    assert img.pending() == ({3, 4}, {1})
+    img.copy(4096, b"c" * 64, drain=False)
+    assert img.pending() == ({3, 4}, {1, 64})
+    img.fence()
+    assert img.pending() == ({3, 4}, set())
+    img.mark("label", x=1)
+    kinds = [e[0] for e in img.events]
+    assert kinds == [EV_STORE, EV_STORE, EV_FLUSH, EV_STORE, EV_FLUSH, EV_FENCE, "M"]
+    assert img.events[0] == (EV_STORE, 64, b"a" * 8)
+    assert bytes(inner.read(200, 100)) == b"b" * 100  # stores reach the inner image
+    assert img.traced and not inner.traced
