@@ -172,8 +172,9 @@ def describe_layout(geo: Geometry, label: str, uuid: bytes) -> str:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="mkfs.pmfs",
-        description="Create a pmfs file system in IMAGE (a file, created sparse if it does "
-                    "not exist, or a block/DAX device).",
+        description="Create a pmfs file system in IMAGE (a file, created with its space "
+                    "allocated if it does not exist -- see --sparse -- or a block/DAX "
+                    "device).",
         epilog="Exit codes: 0 success, 8 operational error, 16 usage error.")
     p.add_argument("image", metavar="IMAGE", help="image file or device")
     p.add_argument("size", metavar="SIZE", nargs="?",
