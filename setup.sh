@@ -30,9 +30,11 @@ install_apt() {
         fi
         say "installing Debian packages:$missing"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q >/dev/null
+        # wait for another apt/dpkg run (e.g. unattended upgrades) to finish
+        apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
         # shellcheck disable=SC2086
-        apt-get install -y -q --no-install-recommends $missing >/dev/null
+        apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends \
+            $missing >/dev/null
     fi
 }
 
