@@ -100,8 +100,9 @@ class Config:
     #: subsets of up to k dirty lines per crash point
     k: int = 2
     #: cap on the states of a crash point (the single-line states are always
-    #: all built; beyond them the k-subsets are a fixed-seed sample); None: all
-    max_states: int | None = 64
+    #: all built; beyond them the k-subsets are a fixed-seed sample); None:
+    #: every k-subset (the default: derivation makes it affordable)
+    max_states: int | None = None
     #: word-granular tearing of multi-word stores (see crashsim)
     torn: bool = False
     max_torn: int = 32
