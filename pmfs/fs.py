@@ -1370,6 +1370,7 @@ class FileSystem:
                     goal = t.goal_for(s)
                 cur = s
                 for q, m in self.balloc.alloc(tx, k, goal):
+                    img.prefault(q * BLOCK_SIZE, m * BLOCK_SIZE)
                     # zero what the write leaves uncovered in the new blocks
                     a = cur * BLOCK_SIZE
                     b = (cur + m) * BLOCK_SIZE
@@ -1465,6 +1466,7 @@ class FileSystem:
                         goal = t.goal_for(s)
                     cur = s
                     for q, m in self.balloc.alloc(tx, k, goal):
+                        self.img.prefault(q * BLOCK_SIZE, m * BLOCK_SIZE)
                         self.img.zero(q * BLOCK_SIZE, m * BLOCK_SIZE, drain=False)
                         t.insert(tx, cur, m, q)
                         inode.blocks += m

@@ -195,6 +195,11 @@ class Image:
         if drain:
             self.fence()
 
+    def prefault(self, off: int, n: int) -> None:
+        """A hint: [off, off+n) is about to be written (newly allocated
+        blocks).  File-backed images map its pages in one call instead of
+        taking a page fault on each first store."""
+
     def is_hole(self, off: int, n: int) -> bool:
         """True if [off, off+n) is known to hold no data (a hole of a sparse
         image file: it reads as zeros).  Lets scanners skip holes instead of
@@ -271,6 +276,17 @@ class _FileImage(Image):
         self.fd = fd
         self.mm = mm
         super().__init__(memoryview(mm), size, path, readonly)
+        self._anchor = None if readonly else ctypes.c_char.from_buffer(mm)
+        self.addr = ctypes.addressof(self._anchor) if self._anchor is not None else 0
+
+    def prefault(self, off: int, n: int) -> None:
+        global _populate_ok
+        if not _populate_ok or self._anchor is None or n <= 0:
+            return
+        a = off & ~(PAGE - 1)
+        b = min(self.size, (off + n + PAGE - 1) & ~(PAGE - 1))
+        if _libc().madvise(self.addr + a, b - a, _MADV_POPULATE_WRITE) != 0:
+            _populate_ok = False  # kernel before 5.14, or a mapping that refuses it
 
     def is_hole(self, off: int, n: int) -> bool:
         try:
@@ -287,6 +303,7 @@ class _FileImage(Image):
                 self.sync_all()
             except Exception:  # the mapping is going away anyway
                 log.exception("final sync of %s failed", self.path)
+        self._anchor = None
         buf, self.buf = self.buf, None
         try:
             buf.release()
@@ -350,8 +367,6 @@ class LibpmemImage(_FileImage):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self._lib = libpmem()
-        self._anchor = ctypes.c_char.from_buffer(self.mm)
-        self.addr = ctypes.addressof(self._anchor)
         # the hot primitives, bound once (they run several times per commit)
         self.fence = self._lib.pmem_drain
         self._flush = self._lib.pmem_flush
@@ -393,8 +408,22 @@ class LibpmemImage(_FileImage):
     def close(self) -> None:
         if self.mm is not None:
             self.sync_all()
-            self._anchor = None
         super().close()
+
+
+_MADV_POPULATE_WRITE = 23  # linux >= 5.14
+_populate_ok = True
+_libc_handle = None
+
+
+def _libc():
+    global _libc_handle
+    if _libc_handle is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lib.madvise.restype = ctypes.c_int
+        _libc_handle = lib
+    return _libc_handle
 
 
 def _address(data: bytes) -> int:
@@ -563,6 +592,9 @@ class TracingImage(Image):
 
     def is_hole(self, off: int, n: int) -> bool:
         return self.inner.is_hole(off, n)
+
+    def prefault(self, off: int, n: int) -> None:
+        self.inner.prefault(off, n)
 
     def pending(self) -> tuple[set[int], set[int]]:
         """(lines stored but not flushed, lines flushed but not fenced)."""

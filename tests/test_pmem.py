@@ -186,3 +186,23 @@ def test_tracing_records_every_store_flush_and_fence():
     assert img.events[0] == (EV_STORE, 64, b"a" * 8)
     assert bytes(inner.read(200, 100)) == b"b" * 100  # stores reach the inner image
     assert img.traced and not inner.traced
+
+
+def test_prefault_maps_pages_ahead_of_writes(tmp_path, shm_dir):
+    """prefault is a hint with no effect on content: on a sparse file image
+    it allocates the range's pages at once (one madvise), elsewhere nothing."""
+    path = _file(shm_dir, "sparse")  # truncate(): a hole everywhere
+    img = open_image(path, backend="msync")
+    before = os.stat(path).st_blocks
+    img.prefault(3 * 4096 + 100, 5 * 4096)  # rounded out to whole pages
+    assert os.stat(path).st_blocks - before >= 6 * 8  # 512-byte units
+    assert bytes(img.read(3 * 4096, 6 * 4096)) == bytes(6 * 4096)
+    img.prefault(SIZE - 10, 1000)  # clipped at the end of the image
+    img.write(4 * 4096, b"data")
+    assert bytes(img.read(4 * 4096, 4)) == b"data"
+    img.close()
+    ro = open_image(path, readonly=True)
+    ro.prefault(0, SIZE)  # read-only: nothing to do
+    ro.close()
+    MemoryImage(SIZE).prefault(0, SIZE)
+    TracingImage(MemoryImage(SIZE)).prefault(0, 4096)

@@ -17,7 +17,7 @@ overwrite_fsync):
    cost per operation, and the time per WAL commit.
 
 The difference between (1)'s daemon CPU per operation and (3) is what
-pyfuse3, trio and the kernel's /dev/fuse side cost the daemon.  A
+pyfuse3, the request loop and the kernel's /dev/fuse side cost the daemon.  A
 round-trip probe (fstat with attribute caching off: one GETATTR each)
 measures the floor of one request through pyfuse3 against libfuse's C
 passthrough_ll.
@@ -52,8 +52,10 @@ PRIMARY = {"create": "create", "stat": "stat_cold", "rename": "rename", "unlink"
            "lookup_miss": "lookup_miss", "readdir": "readdir", "seq_read": "seq_read_cold",
            "rand_read": "rand_read_cold", "mixed_rw": "mixed_rw", "parallel_rw": "parallel_rw",
            "small_files": "small_write", "parallel_create": "parallel_create"}
-#: waiting for the next request (trio's epoll): idle, not cost
-IDLE = {"<method 'poll' of 'select.epoll' objects>"}
+#: waiting for the next request (pmfs/fuseloop.py: poll(2), and the spin
+#: before it; trio's epoll when run on trio): idle, not cost
+IDLE = {"<method 'poll' of 'select.poll' objects>", "<built-in method posix.sched_yield>",
+        "_spin", "<method 'poll' of 'select.epoll' objects>"}
 META_NEEDS = {"stat", "lookup_miss", "readdir", "rename", "unlink"}
 IO_NEEDS = {"seq_read", "overwrite_fsync", "rand_read", "mixed_rw", "parallel_rw"}
 
@@ -96,7 +98,7 @@ class _Mounted:
 def _signal_and_wait(pid: int, done: str | None, timeout: float = 60.0) -> None:
     os.kill(pid, signal.SIGUSR1)
     if done is None:
-        time.sleep(0.3)  # the handler runs when trio next wakes the main thread
+        time.sleep(0.3)  # the handler runs when the daemon's loop next wakes
         return
     deadline = time.monotonic() + timeout
     while not os.path.exists(done):
@@ -532,7 +534,7 @@ def render(result: dict) -> str:
             if p.get("daemon_cpu_us_per_op") and step != "seq_write":
                 rest = p["daemon_cpu_us_per_op"] - c["us_per_op"]
                 L.append(f"  => daemon CPU/op {p['daemon_cpu_us_per_op']:.1f} us = pmfs "
-                         f"{c['us_per_op']:.1f} us + pyfuse3/trio/kernel {rest:.1f} us")
+                         f"{c['us_per_op']:.1f} us + pyfuse3/loop/kernel {rest:.1f} us")
         L.append("")
     if "error" in core:
         L.append(f"in-process timings: error: {core['error']}")

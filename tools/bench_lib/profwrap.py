@@ -4,7 +4,7 @@
 
 The first SIGUSR1 starts profiling, the next one stops it and writes
 OUTPREFIX.<k>.prof (k = 1, 2, ...), then OUTPREFIX.<k>.done.  Only the
-main thread is profiled; pyfuse3 and trio run every request handler there.
+main thread is profiled; pmfs's request loop runs every handler there.
 """
 
 import os
