@@ -177,7 +177,11 @@ class Image:
         """Store data[start:start+n] at `off` and flush it (a bulk store:
         libpmem's memcpy_persist family); fenced too unless drain=False."""
         if start or (n is not None and n != len(data)):
-            data = memoryview(data)[start:start + (len(data) - start if n is None else n)]
+            if n is None:
+                n = len(data) - start
+            if start < 0 or n < 0 or start + n > len(data):
+                raise ValueError(f"copy of [{start}, {start + n}) from {len(data)} bytes")
+            data = memoryview(data)[start:start + n]
         self.write(off, data)
         self.flush(off, len(data))
         if drain:
@@ -383,10 +387,13 @@ class LibpmemImage(_FileImage):
 
     def copy(self, off: int, data, drain: bool = True, start: int = 0,
              n: int | None = None) -> None:
-        if type(data) is not bytes:  # no stable address to hand to libpmem
-            return Image.copy(self, off, data, drain, start, n)
         if n is None:
             n = len(data) - start
+        if type(data) is not bytes or n < _NT_COPY_MIN:
+            # no stable address to hand to libpmem, or too small for the
+            # ctypes call to pay off (measured: 4 KiB 1.4 us stored and
+            # flushed, 1.9 us through libpmem; 64 KiB 8.8 us against 4.0 us)
+            return Image.copy(self, off, data, drain, start, n)
         if off < 0 or off + n > self.size or start < 0 or start + n > len(data):
             raise ValueError(f"copy [{off}, {off + n}) outside the image")
         # non-temporal stores for large copies: about twice as fast as a
@@ -411,6 +418,7 @@ class LibpmemImage(_FileImage):
         super().close()
 
 
+_NT_COPY_MIN = 16384  # LibpmemImage.copy: from this size on, pmem_memcpy_nodrain
 _MADV_POPULATE_WRITE = 23  # linux >= 5.14
 _populate_ok = True
 _libc_handle = None
