@@ -227,7 +227,23 @@ def test_parallel_creates_renames_unlinks_in_shared_dirs(shm_dir):
 # contended names: exactly one winner
 # ---------------------------------------------------------------------------
 
-def _contend_worker(base: str, wid: int, n: int, seed: int) -> dict:
+def _barrier(bdir: str, wid: int, phase: int, nworkers: int, timeout: float = 60) -> None:
+    """Wait until every worker has finished `phase` (marker files outside
+    the mount)."""
+    open(os.path.join(bdir, f"{phase}.{wid}"), "w").close()
+    deadline = time.monotonic() + timeout
+    while sum(1 for f in os.listdir(bdir) if f.startswith(f"{phase}.")) < nworkers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"barrier {phase}: the other workers never came")
+        time.sleep(0.005)
+
+
+def _contend_worker(base: str, wid: int, n: int, seed: int, bdir: str,
+                    nworkers: int) -> dict:
+    """Every worker races every other for each name, phase by phase (all
+    create, then all link and rename, then all unlink and rmdir): a name
+    renamed away in phase 2 must not be created again by a worker still in
+    phase 1, hence the barriers."""
     rng = random.Random(seed)
     order = list(range(n))
     log = {"created": [], "mkdir": [], "renamed": [], "unlinked": [], "rmdir": [],
@@ -254,6 +270,7 @@ def _contend_worker(base: str, wid: int, n: int, seed: int) -> dict:
         if attempt("mkdir", lambda i=i: os.mkdir(os.path.join(base, "d", f"n{i}")),
                    (errno.EEXIST,)):
             log["mkdir"].append(i)
+    _barrier(bdir, wid, 1, nworkers)
     rng.shuffle(order)
     for i in order:
         if attempt("link", lambda i=i: os.link(os.path.join(base, "f", f"n{i}"),
@@ -264,6 +281,7 @@ def _contend_worker(base: str, wid: int, n: int, seed: int) -> dict:
                                                    os.path.join(base, "g", f"n{i}.{wid}")),
                    (errno.ENOENT,)):
             log["renamed"].append(i)
+    _barrier(bdir, wid, 2, nworkers)
     rng.shuffle(order)
     for i in order:
         for w in range(8):
@@ -282,7 +300,9 @@ def test_contended_names_have_exactly_one_winner(shm_dir):
         base = m.path
         for d in "fdgl":
             os.mkdir(os.path.join(base, d))
-        logs = run_workers(_contend_worker, [(base, w, n, 7 * w) for w in range(6)])
+        bdir = os.path.join(shm_dir, "barrier")
+        os.mkdir(bdir)
+        logs = run_workers(_contend_worker, [(base, w, n, 7 * w, bdir, 6) for w in range(6)])
         assert [e for lg in logs for e in lg["errors"]] == []
         for kind in ("created", "mkdir", "renamed", "rmdir"):
             got = sorted(i for lg in logs for i in lg[kind])
