@@ -98,9 +98,8 @@ class Loop:
     Lock = _Lock
 
     def __init__(self):
-        # the trio module's sub-namespaces pyfuse3 uses are the loop itself
+        # trio.lowlevel, the sub-namespace pyfuse3 uses, is the loop itself
         self.lowlevel = self
-        self.from_thread = self
         self._timers: list = []          # heap of (deadline, seq, fn, interval)
         self._seq = itertools.count()
         self._closing: set[int] = set()
@@ -111,7 +110,7 @@ class Loop:
         self._pending: list[int] = []
         self._wake_r = self._wake_w = -1
         self._old_wakeup = -1
-        #: how long to poll for the next request before sleeping (see spin())
+        #: how long to poll for the next request before sleeping (see _spin)
         self.spin_ns = 0
 
     # -- what the daemon sets up -----------------------------------------
@@ -194,10 +193,7 @@ class Loop:
             if not events and self.spin_ns:
                 events = self._spin(poll)
             if not events:
-                try:
-                    events = poll(timeout)
-                except InterruptedError:  # pragma: no cover (PEP 475 retries)
-                    events = []
+                events = poll(timeout)  # a signal interrupts it through the wake-up fd
             ready = False
             for efd, _ev in events:
                 if efd == fd:

@@ -371,16 +371,16 @@ class LibpmemImage(_FileImage):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self._lib = libpmem()
-        # the hot primitives, bound once (they run several times per commit)
-        self.fence = self._lib.pmem_drain
+        # bound once: they run several times per commit
         self._flush = self._lib.pmem_flush
+        self._drain = self._lib.pmem_drain
 
     def flush(self, off: int, n: int) -> None:
         if n > 0:
             self._flush(self.addr + off, n)
 
-    def fence(self) -> None:  # replaced per instance by pmem_drain itself
-        self._lib.pmem_drain()
+    def fence(self) -> None:
+        self._drain()
 
     def persist(self, off: int, n: int) -> None:
         self._lib.pmem_persist(self.addr + off, n)

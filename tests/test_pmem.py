@@ -24,8 +24,13 @@ def _file(dirpath: str, name: str = "img") -> str:
     return path
 
 
+def _need_libpmem() -> None:
+    if libpmem() is None:
+        pytest.fail("libpmem1 is not installed (setup.sh installs it)")
+
+
 @pytest.fixture(params=["memory", "msync", "libpmem", "tracing"])
-def image(request, tmp_path, shm_dir, monkeypatch):
+def image(request, tmp_path, shm_dir):
     kind = request.param
     if kind == "memory":
         img = MemoryImage(SIZE)
@@ -35,18 +40,17 @@ def image(request, tmp_path, shm_dir, monkeypatch):
         img = open_image(_file(str(tmp_path)), backend="msync")
         assert isinstance(img, MsyncImage)
     else:
-        if libpmem() is None:
-            pytest.fail("libpmem1 is not installed (setup.sh installs it)")
-        # libpmem reads PMEM_IS_PMEM_FORCE when it loads: ask a child
-        # whether it would say pmem, then map with the backend forced
+        _need_libpmem()
         img = _open_forced(_file(shm_dir))
     yield kind, img
     img.close()
 
 
 def _open_forced(path: str):
-    """A LibpmemImage of `path`: libpmem_says_pmem runs in this process, where
-    libpmem may have loaded without PMEM_IS_PMEM_FORCE, so map it directly."""
+    """A LibpmemImage of `path`.  libpmem reads PMEM_IS_PMEM_FORCE when it
+    loads, which in this process may have happened without it, so the
+    image is mapped directly rather than through open_image's check
+    (test_backend_selection_and_reporting covers that check, in a child)."""
     import mmap
 
     from pmfs import pmem
@@ -95,22 +99,19 @@ def test_copy_and_zero_persist_ranges(image):
 
 
 def test_file_backends_reach_the_file(tmp_path, shm_dir):
-    for img, path in ((open_image(p, backend="msync"), p)
-                      for p in (_file(str(tmp_path), "a"),)):
+    _need_libpmem()
+    big = os.urandom(64 << 10)  # large enough for libpmem's non-temporal copy
+    for path, img in ((p := _file(str(tmp_path), "a"), open_image(p, backend="msync")),
+                      (q := _file(shm_dir, "b"), _open_forced(q))):
         img.write(8192, b"durable")
         img.persist(8192, 7)
+        img.copy(65536, big)
         img.close()
         with open(path, "rb") as f:
             f.seek(8192)
             assert f.read(7) == b"durable"
-    if libpmem() is not None:
-        path = _file(shm_dir, "b")
-        img = _open_forced(path)
-        img.copy(12288, b"durable too")
-        img.close()
-        with open(path, "rb") as f:
-            f.seek(12288)
-            assert f.read(11) == b"durable too"
+            f.seek(65536)
+            assert f.read(len(big)) == big
 
 
 def test_msync_flush_records_pages_and_fence_syncs_them(tmp_path):
@@ -153,8 +154,7 @@ def test_backend_selection_and_reporting(shm_dir, tmp_path):
 
 
 def test_libpmem_copy_from_bytes_and_other_buffers(shm_dir):
-    if libpmem() is None:
-        pytest.fail("libpmem1 is not installed (setup.sh installs it)")
+    _need_libpmem()
     img = _open_forced(_file(shm_dir))
     assert isinstance(img, LibpmemImage)
     src = os.urandom(10000)
