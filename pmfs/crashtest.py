@@ -141,6 +141,8 @@ OPSPEC = {
     "rmdir": "p", "rename": "ppf", "write": "piii", "truncate": "pi",
     "falloc": "pmii", "setxattr": "pss", "removexattr": "ps", "chmod": "po",
     "fsync": "p", "fdatasync": "p", "openunlink": "p", "hold": "p",
+    # unlinked while open, freed later in a batch (MountOptions.reclaim_batch)
+    "deferunlink": "p", "reclaim": "",
 }
 RENAME_FLAGS = {"0": 0, "noreplace": 1, "exchange": 2}
 FALLOC_MODES = {"0": 0, "keep": 1, "punch": 3}
@@ -170,7 +172,7 @@ class Op:
 
     @property
     def path(self) -> str:
-        return self.args[0]
+        return self.args[0] if self.args else ""
 
 
 def parse_op(text: str) -> Op:
@@ -383,6 +385,18 @@ def execute(fs, op: Op) -> int:
                 fs.unlink(p, name)
             finally:
                 fs.release(ino)
+        elif n == "deferunlink":
+            # as openunlink, but the release queues the inode for a batch
+            fs.opts.reclaim_batch = max(fs.opts.reclaim_batch, 64)
+            ino = _lookup(fs, a[0])
+            p, name = _parent(fs, a[0])
+            fs.open(ino)
+            try:
+                fs.unlink(p, name)
+            finally:
+                fs.release(ino)
+        elif n == "reclaim":  # the queued inodes freed in one transaction
+            fs.drain_reclaim()
         elif n == "hold":  # open, never released: unlinked later, an orphan
             fs.open(_lookup(fs, a[0]))
         elif n == "rmdir":
@@ -695,8 +709,10 @@ class Model:
                 return errno.EEXIST, None
             self.dirs[p][name] = src
             return 0, None
-        if n in ("unlink", "openunlink"):
-            if n == "openunlink":
+        if n == "reclaim":
+            return 0, [pre]  # frees unnamed inodes only: nothing visible changes
+        if n in ("unlink", "openunlink", "deferunlink"):
+            if n != "unlink":
                 err, _x = self.lookup(a[0])
                 if err:
                     return err, None
@@ -2111,6 +2127,20 @@ CI_LOG_SAMPLE = 12
 FULL_RANDOM = (40, 20)
 
 
+#: deferred reclaim: inodes queued at their last release, then freed in one
+#: batch transaction (while other work goes on), in every suite
+RECLAIM_WORKLOADS = (
+    "deferunlink A/foo; deferunlink A/bar; reclaim",
+    "deferunlink A/foo; deferunlink B/baz; creat A/new; reclaim",
+    "deferunlink A/bar; write A/foo 0 5000 3; reclaim; fsync A/foo",
+    "deferunlink B/baz; reclaim; creat B/new",
+)
+
+
+def reclaim_workloads() -> list[Workload]:
+    return [parse_workload(t, f"reclaim-{i}") for i, t in enumerate(RECLAIM_WORKLOADS)]
+
+
 def with_log(workloads, log: str) -> list[Workload]:
     return [Workload(f"{w.name}-{log}", w.ops, log) for w in workloads]
 
@@ -2126,10 +2156,11 @@ def suite(name: str, cfg: Config = CI_CONFIG) -> list[Workload]:
         n, k = CI_RANDOM
         logs = sample(s1, CI_LOG_SAMPLE, 2)
         return (s1 + sample(seq2_workloads(cfg), CI_SEQ2_SAMPLE, 1) + with_log(logs, "wrap")
-                + [random_workload(s, k, cfg) for s in range(n)])
+                + reclaim_workloads() + [random_workload(s, k, cfg) for s in range(n)])
     if name == "full":
         n, k = FULL_RANDOM
-        return (s1 + seq2_workloads(cfg) + with_log(s1, "wrap")
+        rc = reclaim_workloads()
+        return (s1 + seq2_workloads(cfg) + with_log(s1, "wrap") + rc + with_log(rc, "wrap")
                 + [random_workload(s, k, cfg) for s in range(n)])
     raise ValueError(f"unknown suite {name!r} (ci, full, seq1, seq2)")
 

@@ -99,6 +99,11 @@ class MountOptions:
     inode_cache: int = 65536
     tree_cache: int = 16384
     dir_cache_entries: int = 1_000_000
+    #: unlinked inodes freed per transaction once the kernel forgets them
+    #: (1: each at its own FORGET/release; more: deferred and freed in
+    #: batches, like XFS's inode inactivation -- they stay on the orphan
+    #: list until then, so a crash frees them at the next mount)
+    reclaim_batch: int = 1
 
 
 class _InodeFlush:
@@ -118,6 +123,20 @@ class _InodeFlush:
 def _op(fn):
     """Turn damaged metadata met by an operation into EIO (logged once)."""
     def wrapper(self, *a, **kw):
+        try:
+            commits = self.wal.commits
+            return fn(self, *a, **kw)
+        except FormatError as e:
+            self.corruption(str(e))
+            raise _err(errno.EIO, f"corrupted metadata: {e}") from None
+        except OSError as e:
+            # out of space or inodes while unlinked inodes wait to be freed
+            # in a batch: free them and run the operation again (only if
+            # it committed nothing, so the retry starts from the same state)
+            if e.errno != errno.ENOSPC or not self.reclaim_queue \
+                    or self.wal.commits != commits or self.wal.active is not None:
+                raise
+        self.drain_reclaim()
         try:
             return fn(self, *a, **kw)
         except FormatError as e:
@@ -185,6 +204,8 @@ class FileSystem:
         #: inodes whose last name went while the kernel held them: freed at
         #: their last release/FORGET (FORGET need not read other inodes)
         self.zombies: set[int] = set()
+        #: forgotten zombies waiting to be freed in one batch (reclaim_batch)
+        self.reclaim_queue: list[int] = []
         self._ohead: Inode | None = None  # the orphan list head, once read
         self.closed = False
         if not self.readonly:
@@ -227,6 +248,7 @@ class FileSystem:
         try:
             if not self.readonly:
                 self.flush_lazy()
+                self.drain_reclaim()
                 # nothing is open or looked up any more: free the orphans
                 self.lookups.clear()
                 self.opens.clear()
@@ -583,12 +605,56 @@ class FileSystem:
         if ino not in self.zombies or self._in_use(ino) or self.readonly:
             return
         self.zombies.discard(ino)
+        if self.opts.reclaim_batch > 1:
+            q = self.reclaim_queue
+            q.append(ino)
+            if len(q) >= self.opts.reclaim_batch:
+                self.drain_reclaim()
+            return
         try:
             inode = self.iget(ino)
         except OSError:
             return
         if inode.nlink == 0 and inode.mode:
             self._reclaim(inode)
+
+    def drain_reclaim(self) -> int:
+        """Free the unlinked inodes waiting in the reclaim queue: one
+        transaction for the batch (one by one, in chunks, if it is too large
+        for the log).  Returns how many were freed."""
+        q = self.reclaim_queue
+        if not q or self.readonly:
+            return 0
+        self.reclaim_queue = []
+        inodes = []
+        for ino in q:
+            try:
+                inode = self.iget(ino)
+            except FormatError as e:
+                self.corruption(str(e))  # stays an orphan: fsck frees it
+                continue
+            except OSError:
+                continue
+            if inode.nlink == 0 and inode.mode:
+                inodes.append(inode)
+        if not inodes:
+            return 0
+        if len(inodes) > 1:
+            try:
+                with self.tx("free-inodes") as tx:
+                    for inode in inodes:
+                        self._free_inode_tx(tx, inode)
+                return len(inodes)
+            except (TxTooLarge, FormatError):
+                pass  # aborted: every inode as it was; free them one by one
+        n = 0
+        for inode in inodes:
+            try:
+                self._reclaim(inode)
+                n += 1
+            except FormatError as e:
+                self.corruption(str(e))
+        return n
 
     def _run_unlinking(self, fn):
         """Run a transaction that may free an inode; if it is too large, retry
@@ -1236,6 +1302,8 @@ class FileSystem:
         segs = t.map_range(lb0, nblk)
         holes = sum(k for _s, k, p in segs if p == 0)
         if holes:
+            if self.reclaim_queue and holes + 64 > self.balloc.free:
+                self.drain_reclaim()  # no short write while space waits in the queue
             avail = self.balloc.free
             try:
                 return self._write_fit(inode, off, data, segs, avail)
@@ -1417,8 +1485,10 @@ class FileSystem:
                 log.error("could not write inode %d: %s", ino, e)
 
     def sync(self) -> None:
-        """Everything durable (syncfs)."""
+        """Everything durable (syncfs); unlinked inodes waiting for a batch
+        are freed too."""
         self.flush_lazy()
+        self.drain_reclaim()
         self.img.fence()
 
     @_op
@@ -1445,6 +1515,8 @@ class FileSystem:
         t = self.tree(inode)
         segs = t.map_range(lb0, lb1 - lb0 + 1)
         need = sum(k for _s, k, p in segs if p == 0)
+        if need > self.balloc.free and self.reclaim_queue:
+            self.drain_reclaim()
         if need > self.balloc.free:
             raise NoSpace()
         now = time.time_ns()
@@ -1607,6 +1679,8 @@ class FileSystem:
     # whole file system
     # ------------------------------------------------------------------
     def statfs(self) -> dict:
+        if self.reclaim_queue:
+            self.drain_reclaim()  # df after rm shows the space freed
         data_blocks = self.total_blocks - self.data_start
         return {
             "f_bsize": BLOCK_SIZE, "f_frsize": BLOCK_SIZE, "f_blocks": data_blocks,

@@ -56,8 +56,9 @@ def test_data_is_position_dependent_and_never_zero():
 
 def test_generators_cover_the_operation_vocabulary():
     s1 = ct.seq1_workloads()
-    names = {op.name for w in s1 for op in w.ops}
+    names = {op.name for w in s1 + ct.reclaim_workloads() for op in w.ops}
     assert names == set(ct.OPSPEC)
+    assert {"deferunlink", "reclaim"} <= {op.name for w in ct.suite("ci") for op in w.ops}
     assert len(s1) >= 120
     # every generated workload is valid according to the model
     m0 = ct._initial_model(ct.CI_CONFIG)
