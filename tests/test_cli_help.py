@@ -126,7 +126,8 @@ def mount_option_keys() -> set[str]:
 
 
 _VALUES = {"log": "/tmp/x.log", "fsname": "x", "subtype": "x", "backend": "msync",
-           "attr_timeout": "2", "entry_timeout": "2", "readahead": "1024", "spin": "7"}
+           "attr_timeout": "2", "entry_timeout": "2", "readahead": "1024", "spin": "7",
+           "reclaim_batch": "8"}
 #: -o options the code accepts but mount.pmfs --help does not name
 _UNDOCUMENTED: set = set()
 

@@ -70,6 +70,34 @@ def test_statfs_counts(pmfs_mount):
     assert "fuse.pmfs" in df
 
 
+def test_statfs_after_rm_shows_the_space_freed(pmfs_mount):
+    """Unlinked inodes are freed in batches once the kernel forgets them
+    (reclaim_batch); statfs frees what waits, so df after rm is exact."""
+    import time
+    m = pmfs_mount.path
+    d = os.path.join(m, "d")
+    os.mkdir(d)
+    s0 = os.statvfs(m)
+    dblocks0 = os.stat(d).st_blocks // 8
+    for i in range(100):  # not a multiple of the batch (64)
+        with open(os.path.join(d, f"f{i}"), "wb") as f:
+            f.write(b"x" * 8192)
+    s1 = os.statvfs(m)
+    assert s0.f_ffree - s1.f_ffree == 100 and s0.f_bfree - s1.f_bfree >= 200
+    for i in range(100):
+        os.unlink(os.path.join(d, f"f{i}"))
+    grown = os.stat(d).st_blocks // 8 - dblocks0  # directories do not shrink
+    want = (s0.f_ffree, s0.f_bfree - grown)
+    # the kernel sends its FORGETs asynchronously: allow them to arrive
+    deadline = time.monotonic() + 3
+    while True:
+        s2 = os.statvfs(m)
+        if (s2.f_ffree, s2.f_bfree) == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert (s2.f_ffree, s2.f_bfree) == want
+
+
 def test_sparse_and_holes(pmfs_mount):
     p = os.path.join(pmfs_mount.path, "sparse")
     fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
