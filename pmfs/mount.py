@@ -13,6 +13,16 @@ holds an exclusive lock on the image for as long as it runs, replays the
 WAL and processes orphans before serving, and on SIGTERM, SIGINT or
 `fusermount3 -u` persists everything and marks the image clean.
 
+The daemon logs what it does (mount, recovery, corruption met, unmount)
+to stderr in the foreground; in the background to the file -o log=PATH
+names, or to syslog (facility daemon) with -o log=syslog or by default
+when a syslog daemon listens on /dev/log, else to $TMPDIR/pmfs-UID.log.
+-o debug adds one line per FUSE request: its name, its arguments (data
+abbreviated to its size) and its answer.  At unmount the log gets a
+summary: requests served and how many failed with an I/O error, what
+recovery did at mount (transactions replayed, orphans freed) and the
+corruption events met.
+
 Exit codes (as mount(8)): 0 mounted, 1 usage error, 32 mount failure.
 """
 
@@ -142,8 +152,9 @@ def build_parser(prog: str) -> ArgumentParser:
                "force_recovery (recover an image marked as mounted on another host). "
                "Generic fstab options (defaults, rw, auto, nofail, _netdev, ...) are "
                "accepted and ignored. Exit codes: 0 mounted, 1 usage error, 32 mount failure.")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("image", metavar="IMAGE", help="the image file (or DAX device) "
+                   "made by mkfs.pmfs")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, comma separated (see below); may be repeated")
     p.add_argument("-f", "--foreground", action="store_true",
