@@ -179,6 +179,13 @@ ERROR_CASES = [
     ("mkfs.pmfs", ["{dir}/small.img", "100K"], 8, "too small"),
     ("mkfs.pmfs", ["{good}"], 8, "holds a pmfs file system; use -F"),
     ("mkfs.pmfs", ["{dir}", "64M"], 8, "is a directory"),
+    ("mkfs.pmfs", ["-J", "1K", "{dir}/new.img", "64M"], 8,
+     "-J 1K: the WAL needs at least 64 blocks (256.0 KiB)"),
+    ("mkfs.pmfs", ["-J", "1G", "{dir}/new.img", "16M"], 8,
+     "16.0 MiB is too small for a 1.0 GiB WAL (-J): give a smaller -J or a larger SIZE"),
+    ("mkfs.pmfs", ["-N", "99999999", "{dir}/new.img", "16M"], 8,
+     "16.0 MiB is too small for 99999999 inodes (-N): they need an image of at least "
+     "23.9 GiB; give a smaller -N or a larger SIZE"),
     # mount.pmfs / pmfs: 1 usage, 32 mount failure
     ("mount.pmfs", [], 1, "the following arguments are required"),
     ("mount.pmfs", ["{good}", "{mnt}", "-o", "bogus"], 1, "unknown mount option 'bogus'"),
@@ -220,6 +227,18 @@ def test_errors_are_one_line(files, name, args, code, text):
         assert "Traceback" not in r.stderr
     assert not os.path.exists(files["dir"] / "new.img")
     assert not os.path.exists(files["dir"] / "small.img")
+
+
+def test_mkfs_dry_run_on_a_formatted_image(files):
+    """-n writes nothing, so it shows the layout even over a file system,
+    and says that formatting it would need -F."""
+    before = files["good"].read_bytes()
+    r = sh(prog("mkfs.pmfs"), "-n", files["good"])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("pmfs file system: 8.0 MiB")
+    assert r.stdout.rstrip().endswith(f"(dry run: nothing written; {files['good']} holds a "
+                                      f"pmfs file system: formatting it would need -F)")
+    assert files["good"].read_bytes() == before
 
 
 def test_traceback_only_with_debug(files, tmp_path):
