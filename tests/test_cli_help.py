@@ -423,5 +423,5 @@ def test_bash_completion(tmp_path):
     # pmfs-inspect: the image, then its commands
     assert complete(["pmfs-inspect", "--json", "dis"], tmp_path) == ["disk.img"]
     assert complete(["pmfs-inspect", "disk.img", ""], tmp_path) == \
-        ["summary", "inode", "stat", "ls", "orphans", "wal"]
+        ["summary", "inode", "stat", "ls", "orphans", "wal", "cat"]
     assert complete(["pmfs-inspect", "--json", "disk.img", "o"], tmp_path) == ["orphans"]

@@ -61,7 +61,7 @@ _pmfs_inspect() {
     done
     case $n in
         0) _pmfs_files "$cur" ;;
-        1) COMPREPLY=($(compgen -W "summary inode stat ls orphans wal" -- "$cur")) ;;
+        1) COMPREPLY=($(compgen -W "summary inode stat ls orphans wal cat" -- "$cur")) ;;
     esac
 }
 
