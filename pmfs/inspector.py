@@ -491,7 +491,8 @@ class Inspection:
         info: dict = {"start_block": sb.wal_start, "blocks": sb.wal_blocks,
                       "area_bytes": w.area_size, "slots": [], "tail_pos": None,
                       "tail_txid": None, "state": None, "pending": 0, "records": [],
-                      "torn": None, "replayed": False, "replay_changes_bytes": 0}
+                      "torn": None, "uncommitted": 0, "replayed": False,
+                      "replay_changes_bytes": 0}
         best = None
         for slot in (0, 1):
             raw = img.read(w.hdr_off + slot * CACHELINE, CACHELINE)
@@ -531,6 +532,7 @@ class Inspection:
             self.errors.append(f"WAL: {e}")
         info["head_pos"], info["next_txid"] = pos, txid
         info["torn"] = self._torn(w, pos, txid)
+        info["uncommitted"] = 1 if info["torn"] else 0
         info["state"] = "empty" if not info["pending"] else "pending"
         if info["pending"] and self.replay_wanted:
             try:
@@ -998,8 +1000,8 @@ def render_wal(w: dict, detail: bool) -> list[str]:
             _kv(lines, "shown", "raw state (not replayed)")
     if w["torn"]:
         t = w["torn"]
-        _kv(lines, "torn record", f"txid {t['txid']} at position {t['pos']} after them: "
-            f"{t['reason']}; recovery ignores it")
+        _kv(lines, "uncommitted", f"txid {t['txid']} at position {t['pos']} after them: a "
+            f"torn record ({t['reason']}), never committed; recovery ignores it")
     if detail:
         for r in w["records"]:
             if r["kind"] == "skip":

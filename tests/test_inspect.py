@@ -423,7 +423,9 @@ def test_torn_record_after_the_committed_ones(capsys, shm_dir):
     assert d["wal"]["pending"] == 1  # the tail record, already applied
     assert d["wal"]["replay_changes_bytes"] == 0
     rc, out, _ = inspect(capsys, path)
-    assert f"torn record:     txid {txid} at position {w.head_pos} after them" in out
+    assert f"uncommitted:     txid {txid} at position {w.head_pos} after them: a torn " \
+           f"record (checksum mismatch" in out
+    assert d["wal"]["uncommitted"] == 1
     assert "already applied in place" in out
     rc, out, err = inspect(capsys, path, "ls")
     assert rc == 0 and "x" in out.split()
@@ -434,7 +436,7 @@ def test_torn_record_after_the_committed_ones(capsys, shm_dir):
     img.write(w.area_off + w.head_pos % w.area_size, bytes(rec))
     path = save(bytes(img.data), path)
     rc, d, _ = inspect_json(capsys, path, "wal")
-    assert d["wal"]["torn"] is None
+    assert d["wal"]["torn"] is None and d["wal"]["uncommitted"] == 0
 
 
 # --------------------------------------------------------------------------
