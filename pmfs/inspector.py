@@ -1243,8 +1243,8 @@ def main_args(argv) -> int:
         elif wal["replay_changes_bytes"]:
             insp.notes.append(f"{held}: shown as after replay (--no-replay for the raw "
                               f"state)")
-        else:
-            insp.notes.append(f"{held}, already applied in place (replay changes nothing)")
+        # else: already applied in place, which is how the log always looks
+        # after a commit (the tail names the last record): nothing to say
     try:
         if a.json:
             result = dict(result)
