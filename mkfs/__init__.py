@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
 import sys
 import time
@@ -22,8 +23,8 @@ import uuid as uuidlib
 from pmfs import __version__
 from pmfs.alloc import Bitmap
 from pmfs.cli import ArgumentParser, Progress, QuietError, UsageError, human, parse_size, run
-from pmfs.layout import (BLOCK_SIZE, INODE_SIZE, ORPHAN_HEAD_INO, ROOT_INO, SB_CLEAN,
-                         Geometry, Inode, Superblock, compute_geometry, fs_seed, min_image_size)
+from pmfs.layout import (BLOCK_SIZE, INODE_SIZE, MIN_WAL_BLOCKS, ORPHAN_HEAD_INO, ROOT_INO,
+                         SB_CLEAN, Geometry, Inode, Superblock, compute_geometry, fs_seed, min_image_size)
 from pmfs.pmem import open_image
 from pmfs.superblock import write_replica
 from pmfs.wal import WAL
@@ -242,7 +243,8 @@ def main_args(argv) -> int:
             with open(path, "rb") as f:
                 dev_size = f.seek(0, os.SEEK_END)
             if size is not None and size > dev_size:
-                raise QuietError(f"{path}: SIZE {size} is larger than the device ({dev_size})")
+                raise QuietError(f"{path}: SIZE {human(size)} is larger than the device "
+                                 f"({human(dev_size)})")
             cur = dev_size
         else:
             cur = st.st_size
@@ -251,7 +253,7 @@ def main_args(argv) -> int:
             if size == 0:
                 raise UsageError(f"{path} is empty: give a SIZE")
         what = detect_signature(path) if cur else None
-        if what and not a.force:
+        if what and not a.force and not a.dry_run:
             raise QuietError(f"{path} holds {what}; use -F to overwrite it")
     else:
         if size is None:
@@ -260,13 +262,35 @@ def main_args(argv) -> int:
     if size < min_image_size():
         raise QuietError(f"SIZE {size} is too small: a pmfs image needs at least "
                          f"{min_image_size()} bytes ({human(min_image_size())})")
+    if wal_blocks is not None and wal_blocks < MIN_WAL_BLOCKS:
+        raise QuietError(f"-J {a.wal}: the WAL needs at least {MIN_WAL_BLOCKS} blocks "
+                         f"({human(MIN_WAL_BLOCKS * BLOCK_SIZE)})")
     try:
         geo = compute_geometry(size, inodes, wal_blocks)
     except ValueError as e:
-        raise QuietError(str(e)) from None
+        # say which of the sizes does not fit, and what to change
+        try:
+            compute_geometry(size, inodes)
+        except ValueError:
+            pass
+        else:
+            raise QuietError(f"{human(size)} is too small for a {human(wal_blocks * BLOCK_SIZE)}"
+                             f" WAL (-J): give a smaller -J or a larger SIZE") from None
+        msg = str(e)
+        m = re.search(r"at least (\d+) bytes", msg)
+        if inodes is not None and m:
+            need = int(m.group(1))
+            raise QuietError(f"{human(size)} is too small for {inodes} inodes (-N): they "
+                             f"need an image of at least {human(need)}; give a smaller -N "
+                             f"or a larger SIZE") from None
+        raise QuietError(msg) from None
     if a.dry_run:
         print(describe_layout(geo, label, uuid))
-        print("(dry run: nothing written)")
+        if exists and what and not a.force:
+            print(f"(dry run: nothing written; {path} holds {what}: formatting it "
+                  f"would need -F)")
+        else:
+            print("(dry run: nothing written)")
         return EXIT_OK
     # create or size the file, holding the image's lock from the first
     # change on: a mounted image (its daemon holds the lock) is never touched

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -112,7 +113,16 @@ def run(prog: str, fn, argv=None, usage_code: int = 16, error_code: int = 8,
 
 
 class Progress:
-    """A live progress line on a terminal; silent otherwise (or when quiet)."""
+    """A live progress line on a terminal; silent otherwise (or when quiet).
+
+    ``update(done, total, label)`` shows ``label:  45.0%``; ``status(text)``
+    shows any text (``round 3/5: checking``).  Both rewrite one line in
+    place (carriage return + erase), at most ten times a second, cut to
+    the terminal's width.  ``clear()`` erases the line, so that a program
+    can print a permanent line without garbling it; ``done(msg)`` erases
+    it and prints `msg` in its place.  When the stream is not a terminal
+    (a pipe, a file, a CI log) nothing at all is written.
+    """
 
     def __init__(self, label: str = "", quiet: bool = False, stream=None):
         self.stream = stream or sys.stderr
@@ -121,7 +131,14 @@ class Progress:
         self._last = 0.0
         self._shown = False
 
-    def update(self, done: float, total: float, label: str | None = None) -> None:
+    def _show(self, text: str) -> None:
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.stream.write("\r\033[K" + text[:max(width, 20)])
+        self.stream.flush()
+        self._shown = True
+
+    def update(self, done: float, total: float, label: str | None = None,
+               detail: str = "") -> None:
         if not self.enabled:
             return
         now = time.monotonic()
@@ -131,9 +148,24 @@ class Progress:
         if label is not None:
             self.label = label
         pct = 100.0 * done / total if total else 100.0
-        self.stream.write(f"\r\033[K{self.label}: {pct:5.1f}%")
-        self.stream.flush()
-        self._shown = True
+        self._show(f"{self.label}: {pct:5.1f}%" + (f" {detail}" if detail else ""))
+
+    def status(self, text: str, force: bool = False) -> None:
+        """Show `text` as the live line (rate-limited unless `force`)."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        self._show(text)
+
+    def clear(self) -> None:
+        """Erase the live line (before printing something permanent)."""
+        if self.enabled and self._shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        self._shown = False
 
     def done(self, msg: str | None = None) -> None:
         if self.enabled and self._shown:

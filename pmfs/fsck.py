@@ -2254,7 +2254,8 @@ def main_args(argv) -> int:
         img = open_image(path, readonly=(mode == "-n"),
                          lock="shared" if mode == "-n" else "exclusive")
     except ImageBusy:
-        raise QuietError(f"{path} is in use (mounted?): refusing to check it",
+        raise QuietError(f"{path} is in use (mounted?): refusing to check it; unmount it "
+                         f"first (pmfs-inspect shows a mounted image)",
                          EXIT_ERROR) from None
     progress = Progress(PROG, quiet=a.quiet or preen)
     lines: list[str] = []

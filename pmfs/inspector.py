@@ -6,6 +6,7 @@
     pmfs-inspect IMAGE ls [PATH]                         a directory, like ls -l
     pmfs-inspect IMAGE orphans                           the orphan list
     pmfs-inspect IMAGE wal                               the log records in detail
+    pmfs-inspect IMAGE cat PATH|N > FILE                 a file's bytes (like debugfs's cat)
 
 The tool never writes: it maps the image read-only without taking its lock,
 so it also works on a mounted image.  It takes a snapshot (the metadata
@@ -24,6 +25,11 @@ Paths are resolved from the root through the directory index (the same
 links are not followed.  Names, xattr names and values are shown with
 backslash escapes for bytes that are not printable UTF-8.
 
+`cat` copies a regular file's content out of the image (holes as zeros,
+exactly i_size bytes) without mounting it: the way to rescue a file from
+an image that does not mount.  It checks nothing but the inode and its
+extent tree, so it also works on images fsck.pmfs would have to repair.
+
 Damaged structures are reported (in the output and as a one-line error)
 and make the exit code 8; they never produce a traceback (unless --debug).
 
@@ -37,6 +43,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -484,7 +491,8 @@ class Inspection:
         info: dict = {"start_block": sb.wal_start, "blocks": sb.wal_blocks,
                       "area_bytes": w.area_size, "slots": [], "tail_pos": None,
                       "tail_txid": None, "state": None, "pending": 0, "records": [],
-                      "torn": None, "replayed": False, "replay_changes_bytes": 0}
+                      "torn": None, "uncommitted": 0, "replayed": False,
+                      "replay_changes_bytes": 0}
         best = None
         for slot in (0, 1):
             raw = img.read(w.hdr_off + slot * CACHELINE, CACHELINE)
@@ -524,6 +532,7 @@ class Inspection:
             self.errors.append(f"WAL: {e}")
         info["head_pos"], info["next_txid"] = pos, txid
         info["torn"] = self._torn(w, pos, txid)
+        info["uncommitted"] = 1 if info["torn"] else 0
         info["state"] = "empty" if not info["pending"] else "pending"
         if info["pending"] and self.replay_wanted:
             try:
@@ -781,6 +790,39 @@ class Inspection:
             out["entries"].append(ent)
         return out
 
+    def cat(self, ino: int, out) -> int:
+        """Write regular file `ino`'s bytes to the binary stream `out`; returns
+        the number of bytes written."""
+        vol = self.vol
+        inode = vol.iget(ino)
+        if not stat.S_ISREG(inode.mode):
+            _short, long_ = type_names(inode.mode)
+            raise QuietError(f"inode {ino} is a {long_}, not a regular file")
+        size = inode.size
+        pos = 0
+        chunk = 1 << 20
+        for s, n, p in vol.tree(inode).extents():
+            a = s * BLOCK_SIZE
+            if a >= size:
+                break
+            if not (vol.data_start <= p and p + n <= vol.total_blocks):
+                raise FormatError(f"inode {ino}: extent at file block {s} points outside "
+                                  f"the data area (image block {p})")
+            while pos < a:  # a hole
+                k = min(chunk, a - pos)
+                out.write(bytes(k))
+                pos += k
+            end = min(size, (s + n) * BLOCK_SIZE)
+            while pos < end:
+                k = min(chunk, end - pos)
+                out.write(bytes(self.img.read(p * BLOCK_SIZE + (pos - a), k)))
+                pos += k
+        while pos < size:  # a hole up to EOF
+            k = min(chunk, size - pos)
+            out.write(bytes(k))
+            pos += k
+        return pos
+
     def orphans(self) -> dict:
         vol = self.vol
         out: dict = {"orphans": [], "errors": []}
@@ -958,8 +1000,8 @@ def render_wal(w: dict, detail: bool) -> list[str]:
             _kv(lines, "shown", "raw state (not replayed)")
     if w["torn"]:
         t = w["torn"]
-        _kv(lines, "torn record", f"txid {t['txid']} at position {t['pos']} after them: "
-            f"{t['reason']}; recovery ignores it")
+        _kv(lines, "uncommitted", f"txid {t['txid']} at position {t['pos']} after them: a "
+            f"torn record ({t['reason']}), never committed; recovery ignores it")
     if detail:
         for r in w["records"]:
             if r["kind"] == "skip":
@@ -1091,7 +1133,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
         usage="%(prog)s [-h] [--json] [--no-replay] [--debug] [-V] IMAGE "
-              "[{summary,inode N,stat PATH,ls [PATH],orphans,wal}]",
+              "[{summary,inode N,stat PATH,ls [PATH],orphans,wal,cat PATH|N}]",
         description="Show a pmfs image without mounting it: the superblock replicas, "
                     "usage and fragmentation, the write-ahead log, single inodes, "
                     "directories and the orphan list.  Read-only: the image is never "
@@ -1100,7 +1142,9 @@ def build_parser() -> ArgumentParser:
         epilog="Commands: (none) or summary: superblock, usage, WAL; inode N: one "
                "inode by number; stat PATH: one inode by path (symlinks not followed); "
                "ls [PATH]: list a directory (default /); orphans: the orphan list; wal: "
-               "the log records and what they change.  Exit codes: 0 shown, nothing "
+               "the log records and what they change; cat PATH|N: a regular file's bytes "
+               "on stdout (to rescue a file from an image that does not mount).  "
+               "Exit codes: 0 shown, nothing "
                "damaged; 8 damaged structures found or operational error; 16 usage error.")
     p.add_argument("image", metavar="IMAGE", help="image file or device")
     _common_options(p, sub=False)
@@ -1139,6 +1183,14 @@ def build_parser() -> ArgumentParser:
                        description="The WAL header slots and every record recovery would "
                                    "replay, with the structures each entry changes.")
     _common_options(c, sub=True)
+    c = sub.add_parser("cat", prog=f"{PROG} IMAGE cat",
+                       help="write a file's bytes to stdout",
+                       description="Copy a regular file's content (holes as zeros) to "
+                                   "stdout, like debugfs's cat: a file can be rescued from "
+                                   "an image that does not mount.  --json does not apply.")
+    c.add_argument("file", metavar="PATH|N",
+                   help="path inside the image, or an inode number")
+    _common_options(c, sub=True)
     return p
 
 
@@ -1156,6 +1208,10 @@ def main_args(argv) -> int:
     a = build_parser().parse_args(argv)
     cmd = a.command or "summary"
     ino = _parse_ino(a.number) if cmd == "inode" else None
+    if cmd == "cat":
+        if a.json:
+            raise UsageError("cat writes the file's bytes: --json does not apply")
+        return _cat(a)
     insp = Inspection(a.image, replay=not a.no_replay)
     try:
         insp.open(need_fs=(cmd != "summary"))
@@ -1187,8 +1243,8 @@ def main_args(argv) -> int:
         elif wal["replay_changes_bytes"]:
             insp.notes.append(f"{held}: shown as after replay (--no-replay for the raw "
                               f"state)")
-        else:
-            insp.notes.append(f"{held}, already applied in place (replay changes nothing)")
+        # else: already applied in place, which is how the log always looks
+        # after a commit (the tail names the last record): nothing to say
     try:
         if a.json:
             result = dict(result)
@@ -1211,6 +1267,29 @@ def main_args(argv) -> int:
     if insp.errors:
         more = f" (and {len(insp.errors) - 1} more)" if len(insp.errors) > 1 else ""
         raise QuietError(f"damaged: {insp.errors[0]}{more}", EXIT_ERROR)
+    return EXIT_OK
+
+
+def _cat(a) -> int:
+    insp = Inspection(a.image, replay=not a.no_replay)
+    try:
+        insp.open()
+        text = a.file
+        ino = int(text, 0) if re.fullmatch(r"\d+|0[xX][0-9a-fA-F]+", text) else \
+            insp.vol.resolve(text)
+        wal = insp.wal_info
+        if wal and wal["pending"] and not wal["replayed"]:
+            print(f"{PROG}: note: the log holds {wal['pending']} committed transaction(s), "
+                  f"not replayed: the raw state is shown", file=sys.stderr)
+        try:
+            insp.cat(ino, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
+    finally:
+        insp.close()
     return EXIT_OK
 
 

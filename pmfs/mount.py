@@ -13,6 +13,16 @@ holds an exclusive lock on the image for as long as it runs, replays the
 WAL and processes orphans before serving, and on SIGTERM, SIGINT or
 `fusermount3 -u` persists everything and marks the image clean.
 
+The daemon logs what it does (mount, recovery, corruption met, unmount)
+to stderr in the foreground; in the background to the file -o log=PATH
+names, or to syslog (facility daemon) with -o log=syslog or by default
+when a syslog daemon listens on /dev/log, else to $TMPDIR/pmfs-UID.log.
+-o debug adds one line per FUSE request: its name, its arguments (data
+abbreviated to its size) and its answer.  At unmount the log gets a
+summary: requests served and how many failed with an I/O error, what
+recovery did at mount (transactions replayed, orphans freed) and the
+corruption events met.
+
 Exit codes (as mount(8)): 0 mounted, 1 usage error, 32 mount failure.
 """
 
@@ -135,8 +145,12 @@ def build_parser(prog: str) -> ArgumentParser:
         epilog="Options (-o, comma separated): ro, sync (every write durable on return), "
                "allow_other (other users may access; implies default_permissions, which "
                "is always on), noatime|relatime|strictatime (atime = relatime), debug "
-               "(trace every request), log=PATH (daemon log file; default: stderr with -f, "
-               "else syslog, else $TMPDIR/pmfs-UID.log), fsname=NAME, subtype=NAME, "
+               "(trace every request on one line), log=PATH|syslog (where the daemon logs: a "
+               "file, or syslog with facility daemon; default: stderr with -f, else "
+               "syslog if a syslog daemon listens on /dev/log, else $TMPDIR/pmfs-UID.log; "
+               "a file named syslog is log=./syslog; at unmount the log gets a summary: "
+               "requests served, errors, what recovery did at mount), "
+               "fsname=NAME, subtype=NAME, "
                "backend=auto|libpmem|msync, attr_timeout=SECONDS, entry_timeout=SECONDS "
                "(how long the kernel caches attributes and names, default 60), "
                "readahead=KB (kernel read-ahead of the mount, default 4096; root only), "
@@ -149,8 +163,9 @@ def build_parser(prog: str) -> ArgumentParser:
                "force_recovery (recover an image marked as mounted on another host). "
                "Generic fstab options (defaults, rw, auto, nofail, _netdev, ...) are "
                "accepted and ignored. Exit codes: 0 mounted, 1 usage error, 32 mount failure.")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("image", metavar="IMAGE", help="the image file (or DAX device) "
+                   "made by mkfs.pmfs")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, comma separated (see below); may be repeated")
     p.add_argument("-f", "--foreground", action="store_true",
@@ -165,28 +180,83 @@ def build_parser(prog: str) -> ArgumentParser:
     return p
 
 
-def _setup_logging(cfg: Config, foreground: bool) -> None:
+#: where log=syslog (and the background default) sends the log; the
+#: environment variable is for tests (a socket of their own)
+def _syslog_address() -> str:
+    return os.environ.get("PMFS_SYSLOG_SOCKET", "/dev/log")
+
+
+def _syslog_handler() -> logging.Handler:
+    """A handler for the local syslog daemon (facility daemon); OSError if
+    there is none listening."""
+    addr = _syslog_address()
+    # SysLogHandler ignores a socket nobody listens on: try it first
+    err: OSError | None = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as s:
+            try:
+                s.connect(addr)
+            except OSError as e:
+                err = err or e
+                continue
+        return logging.handlers.SysLogHandler(
+            address=addr, facility=logging.handlers.SysLogHandler.LOG_DAEMON, socktype=kind)
+    assert err is not None
+    raise err
+
+
+def log_destination(cfg: Config, foreground: bool) -> str:
+    """Where the daemon's log goes: 'stderr', 'syslog' or a file path."""
+    if cfg.log == "syslog":
+        return "syslog"
+    if cfg.log:
+        return os.path.abspath(cfg.log)
+    if foreground:
+        return "stderr"
+    return "syslog-or-file"
+
+
+def _setup_logging(cfg: Config, foreground: bool) -> str:
+    """Send the log where -o log= / -f say; returns where it went (shown at
+    start-up in the log itself and used in messages)."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+    # until a real handler is in place nothing may reach logging's
+    # last-resort handler (a second line on the user's terminal)
+    root.addHandler(logging.NullHandler())
     level = logging.DEBUG if cfg.debug else logging.INFO
     fmt = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
-    if cfg.log:
-        handler = logging.FileHandler(cfg.log)
-    elif foreground:
+    dest = log_destination(cfg, foreground)
+    handler: logging.Handler
+    if dest == "stderr":
         handler = logging.StreamHandler(sys.stderr)
-    elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        fmt = "pmfs[%(process)d]: %(levelname)s: %(message)s"
-    else:
-        # no syslog: never drop the log (corruption reports, the summary)
-        import tempfile
-        handler = logging.FileHandler(os.path.join(tempfile.gettempdir(),
-                                                   f"pmfs-{os.getuid()}.log"))
+    elif dest in ("syslog", "syslog-or-file"):
+        try:
+            handler = _syslog_handler()
+            fmt = "pmfs[%(process)d]: %(levelname)s: %(message)s"
+            dest = "syslog"
+        except OSError as e:
+            if dest == "syslog":
+                raise QuietError(f"cannot log to syslog: {_syslog_address()}: "
+                                 f"{e.strerror or e} (is a syslog daemon running? "
+                                 f"-o log=PATH logs to a file)", EXIT_FAIL) from None
+            # no syslog: never drop the log (corruption reports, the summary)
+            import tempfile
+            dest = os.path.join(tempfile.gettempdir(), f"pmfs-{os.getuid()}.log")
+    if dest not in ("stderr", "syslog"):
+        try:
+            handler = logging.FileHandler(dest)
+        except OSError as e:
+            raise QuietError(f"cannot open the log file {dest}: "
+                             f"{e.strerror or e} (-o log=PATH)", EXIT_FAIL) from None
     handler.setFormatter(logging.Formatter(fmt))
+    for h in list(root.handlers):
+        root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("pyfuse3").setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
+    return dest
 
 
 def _writable(path: str) -> bool:

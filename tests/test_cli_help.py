@@ -8,7 +8,9 @@
 * long operations show a live progress line on a terminal and nothing when
   the output is not a terminal;
 * the man pages in docs/man are what tools/gen-man makes of the parsers,
-  and render without groff warnings.
+  and render without groff warnings;
+* so is the bash completion in docs/completion, which completes every
+  option, mount's -o options and pmfs-inspect's commands.
 """
 
 from __future__ import annotations
@@ -180,6 +182,13 @@ ERROR_CASES = [
     ("mkfs.pmfs", ["{dir}/small.img", "100K"], 8, "too small"),
     ("mkfs.pmfs", ["{good}"], 8, "holds a pmfs file system; use -F"),
     ("mkfs.pmfs", ["{dir}", "64M"], 8, "is a directory"),
+    ("mkfs.pmfs", ["-J", "1K", "{dir}/new.img", "64M"], 8,
+     "-J 1K: the WAL needs at least 64 blocks (256.0 KiB)"),
+    ("mkfs.pmfs", ["-J", "1G", "{dir}/new.img", "16M"], 8,
+     "16.0 MiB is too small for a 1.0 GiB WAL (-J): give a smaller -J or a larger SIZE"),
+    ("mkfs.pmfs", ["-N", "99999999", "{dir}/new.img", "16M"], 8,
+     "16.0 MiB is too small for 99999999 inodes (-N): they need an image of at least "
+     "23.9 GiB; give a smaller -N or a larger SIZE"),
     # mount.pmfs / pmfs: 1 usage, 32 mount failure
     ("mount.pmfs", [], 1, "the following arguments are required"),
     ("mount.pmfs", ["{good}", "{mnt}", "-o", "bogus"], 1, "unknown mount option 'bogus'"),
@@ -221,6 +230,18 @@ def test_errors_are_one_line(files, name, args, code, text):
         assert "Traceback" not in r.stderr
     assert not os.path.exists(files["dir"] / "new.img")
     assert not os.path.exists(files["dir"] / "small.img")
+
+
+def test_mkfs_dry_run_on_a_formatted_image(files):
+    """-n writes nothing, so it shows the layout even over a file system,
+    and says that formatting it would need -F."""
+    before = files["good"].read_bytes()
+    r = sh(prog("mkfs.pmfs"), "-n", files["good"])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("pmfs file system: 8.0 MiB")
+    assert r.stdout.rstrip().endswith(f"(dry run: nothing written; {files['good']} holds a "
+                                      f"pmfs file system: formatting it would need -F)")
+    assert files["good"].read_bytes() == before
 
 
 def test_traceback_only_with_debug(files, tmp_path):
@@ -351,7 +372,7 @@ def test_man_pages_are_generated_from_the_parsers(capsys):
 
 def test_gen_man_check_detects_a_stale_page(tmp_path, capsys):
     gm = load_gen_man()
-    assert gm.main([str(tmp_path)]) == 0 and len(os.listdir(tmp_path)) == 4
+    assert gm.main([str(tmp_path)]) == 0 and len(os.listdir(tmp_path)) == 5
     assert gm.main(["--check", str(tmp_path)]) == 0
     page = tmp_path / "mkfs.pmfs.8"
     page.write_text(page.read_text().replace("volume label", "label"))
@@ -360,3 +381,48 @@ def test_gen_man_check_detects_a_stale_page(tmp_path, capsys):
     # the script itself runs (shebang python, imports from the checkout)
     r = sh(sys.executable, os.path.join(ROOT, "tools", "gen-man"), "--check", tmp_path)
     assert r.returncode == 1 and "mkfs.pmfs.8" in r.stderr
+
+
+# --------------------------------------------------------------------------
+# bash completion
+# --------------------------------------------------------------------------
+
+
+def complete(words: list[str], cwd: str) -> list[str]:
+    """What the generated completion offers for the last of `words`."""
+    script = os.path.join(ROOT, "docs", "completion", "pmfs.bash")
+    fn = {"mkfs.pmfs": "_pmfs_mkfs", "mount.pmfs": "_pmfs_mount", "pmfs": "_pmfs_mount",
+          "fsck.pmfs": "_pmfs_fsck", "pmfs-inspect": "_pmfs_inspect"}[words[0]]
+    arr = " ".join("'" + w.replace("'", "'\\''") + "'" for w in words)
+    cmd = (f". {script}; COMP_WORDS=({arr}); COMP_CWORD={len(words) - 1}; {fn}; "
+           f"printf '%s\\n' \"${{COMPREPLY[@]}}\"")
+    r = subprocess.run(["bash", "--norc", "--noprofile", "-c", cmd], capture_output=True,
+                       text=True, cwd=cwd, timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return [w for w in r.stdout.split("\n") if w]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_bash_completion(tmp_path):
+    assert load_gen_man().main(["--check"]) == 0  # docs/completion/pmfs.bash is current
+    (tmp_path / "disk.img").write_bytes(b"")
+    (tmp_path / "dir").mkdir()
+    # every option of every program
+    for name, build in PARSERS.items():
+        opts, _subs = options_of(build())
+        assert sorted(complete([name, "-"], tmp_path)) == sorted(opts), name
+    assert complete(["mkfs.pmfs", "-L", "x"], tmp_path) == []  # a value, not a file
+    assert sorted(complete(["mkfs.pmfs", "di"], tmp_path)) == ["dir", "disk.img"]
+    # mount -o: every key parse_options accepts, comma after comma
+    offered = complete(["mount.pmfs", "x.img", "/mnt", "-o", ""], tmp_path)
+    keys = {w.rstrip("=") for w in offered}
+    assert keys == mount_option_keys()
+    assert "log=" in offered and "ro" in offered and "ro=" not in offered
+    assert complete(["mount.pmfs", "x.img", "/mnt", "-o", "ro,sy"], tmp_path) == ["ro,sync"]
+    assert complete(["pmfs", "x.img", "/mnt", "-o", "noatime,lo"], tmp_path) == \
+        ["noatime,log="]
+    # pmfs-inspect: the image, then its commands
+    assert complete(["pmfs-inspect", "--json", "dis"], tmp_path) == ["disk.img"]
+    assert complete(["pmfs-inspect", "disk.img", ""], tmp_path) == \
+        ["summary", "inode", "stat", "ls", "orphans", "wal", "cat"]
+    assert complete(["pmfs-inspect", "--json", "disk.img", "o"], tmp_path) == ["orphans"]

@@ -455,7 +455,8 @@ def test_image_in_use(work):
                re.escape(f"mount.pmfs: {mnt} is already a FUSE mount point"))
         for mode in ("-n", "-y", "-p"):
             failed(fsck_pmfs(mode, image), 8,
-                   re.escape(f"fsck.pmfs: {image} is in use (mounted?): refusing to check it"))
+                   re.escape(f"fsck.pmfs: {image} is in use (mounted?): refusing to check it; "
+                             f"unmount it first (pmfs-inspect shows a mounted image)"))
         failed(mkfs_pmfs("-F", image, "16M"), 8,
                re.escape(f"mkfs.pmfs: {image} is in use (mounted, or being checked by "
                          f"fsck.pmfs); unmount it first"))

@@ -243,3 +243,127 @@ def test_summary_counts_errors(image, shm_dir):
     r = subprocess.run([prog("pmfs-inspect"), "--json", image], capture_output=True,
                        text=True)
     assert json.loads(r.stdout)["superblock"]["needs_fsck"] is True
+
+
+# --------------------------------------------------------------------------
+# syslog, the default destination, and a log that cannot be opened
+# --------------------------------------------------------------------------
+
+
+def bg_mount(image, mnt, *opts, env=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    os.makedirs(mnt, exist_ok=True)
+    return subprocess.run([prog("mount.pmfs"), image, mnt, *opts], capture_output=True,
+                          text=True, timeout=30, env=e)
+
+
+def bg_unmount(mnt):
+    subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+    if fuse_mounted(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+
+
+class SyslogServer:
+    """A datagram socket standing in for /dev/log."""
+
+    def __init__(self, path):
+        import socket
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(65536).decode("utf-8", "replace"))
+            except OSError:
+                return self.messages
+
+    def close(self):
+        self.sock.close()
+
+
+def test_log_syslog(image, shm_dir):
+    srv = SyslogServer(os.path.join(shm_dir, "log.sock"))
+    mnt = os.path.join(shm_dir, "mnt")
+    env = {"PMFS_SYSLOG_SOCKET": srv.path}
+    try:
+        r = bg_mount(image, mnt, "-o", "log=syslog", env=env)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        try:
+            with open(os.path.join(mnt, "s"), "w") as f:
+                f.write("s")
+        finally:
+            bg_unmount(mnt)
+        assert wait_for(lambda: any(SUMMARY.search(m) for m in srv.drain()))
+        msgs = srv.messages
+        # facility daemon (3), severity info (6): <30>; one message per record
+        assert any(re.fullmatch(rf"<30>pmfs\[\d+\]: INFO: mounted {re.escape(image)} on "
+                                rf"{re.escape(mnt)}\x00?", m) for m in msgs), msgs
+        assert any(m.startswith("<30>") and SUMMARY.search(m) for m in msgs), msgs
+        assert not any(m.startswith("<28>") for m in msgs), msgs  # no warnings
+        assert not os.path.exists("syslog")  # log=syslog is no file name
+        # in the background without log=, syslog is the default when it listens
+        srv.messages.clear()
+        r = bg_mount(image, mnt, env=env)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        bg_unmount(mnt)
+        assert wait_for(lambda: any(SUMMARY.search(m) for m in srv.drain()))
+    finally:
+        bg_unmount(mnt)
+        srv.close()
+
+
+def test_log_syslog_unavailable_and_the_file_fallback(image, shm_dir):
+    mnt = os.path.join(shm_dir, "mnt")
+    env = {"PMFS_SYSLOG_SOCKET": os.path.join(shm_dir, "no-such.sock"), "TMPDIR": shm_dir}
+    # asked for explicitly: the mount fails with one line that says what to do
+    for fg in ([], ["-f"]):
+        r = bg_mount(image, mnt, *fg, "-o", "log=syslog", env=env)
+        assert r.returncode == 32, r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("mount.pmfs: cannot log to "
+                                                                  "syslog: "), r.stderr
+        assert "log=PATH" in r.stderr and not fuse_mounted(mnt)
+    # the background default falls back to $TMPDIR/pmfs-UID.log
+    fallback = os.path.join(shm_dir, f"pmfs-{os.getuid()}.log")
+    r = bg_mount(image, mnt, env=env)
+    try:
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+    finally:
+        bg_unmount(mnt)
+    assert wait_for(lambda: os.path.exists(fallback) and summaries(open(fallback).read()))
+    assert f"mounted {image} on {mnt}" in open(fallback).read()
+
+
+@pytest.mark.parametrize("fg", [False, True], ids=["background", "foreground"])
+def test_log_file_that_cannot_be_opened(image, shm_dir, fg):
+    mnt = os.path.join(shm_dir, "mnt")
+    bad = os.path.join(shm_dir, "no", "such", "dir", "x.log")
+    r = bg_mount(image, mnt, *(["-f"] if fg else []), "-o", f"log={bad}")
+    assert r.returncode == 32
+    # exactly one line, naming the file and the option (no second line from
+    # logging's last-resort handler in the forked daemon)
+    assert r.stderr == (f"mount.pmfs: cannot open the log file {bad}: No such file or "
+                        f"directory (-o log=PATH)\n")
+    assert not fuse_mounted(mnt)
+
+
+def test_sigterm_unmounts_with_a_summary(image, shm_dir):
+    m = PmfsMount(image, os.path.join(shm_dir, "mnt")).mount()
+    try:
+        with open(os.path.join(m.path, "t"), "w") as f:
+            f.write("t")
+        m.proc.send_signal(signal.SIGTERM)
+        assert m.proc.wait(timeout=30) == 0
+        assert not fuse_mounted(m.path)  # the daemon unmounted on its way out
+    finally:
+        rc = m.unmount()
+    assert rc == 0
+    log = m.log_text()
+    assert f"signal {int(signal.SIGTERM)}: unmounting" in log
+    assert f"{image} cleanly unmounted" in log
+    (served, errors, *_), = summaries(log)
+    assert served > 0 and errors == 0
