@@ -96,6 +96,19 @@ def _open_unlinked(fs):
     return ino
 
 
+def _queued_orphans(fs):
+    """reclaim_batch 3: two orphans released (queued, nothing stored), a
+    third open and unlinked; its release fills the batch."""
+    fs.opts.reclaim_batch = 3
+    for name in (b"q1", b"q2"):
+        ino = _file(fs, name, b"q" * 5000)
+        fs.open(ino, os.O_RDWR)
+        fs.unlink(R, name)
+        fs.release(ino)
+    assert len(fs.reclaim_queue) == 2
+    return _open_unlinked(fs)
+
+
 #: scenario -> (mount with -o sync?, set-up(fs) -> state, the operation(fs, state))
 SCENARIOS = {
     "create": (False, lambda fs: None, lambda fs, s: fs.create(R, b"c", 0o644)),
@@ -112,6 +125,7 @@ SCENARIOS = {
     "unlink-open": (False, lambda fs: fs.open(_file(fs), os.O_RDWR),
                     lambda fs, s: fs.unlink(R, b"f")),
     "release-orphan": (False, _open_unlinked, lambda fs, ino: fs.release(ino)),
+    "release-orphan-batch": (False, _queued_orphans, lambda fs, ino: fs.release(ino)),
     "rmdir": (False, lambda fs: fs.mkdir(R, b"d", 0o755), lambda fs, s: fs.rmdir(R, b"d")),
     "rename": (False, _file, lambda fs, f: fs.rename(R, b"f", R, b"g")),
     "rename-replace": (False, lambda fs: (_file(fs), _file(fs, b"g")),
