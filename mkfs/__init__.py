@@ -304,6 +304,19 @@ def main_args(argv) -> int:
             raise QuietError(f"{path}: cannot open for writing: {e.strerror}") from None
         lock(fd)
         zero_meta = is_dev
+        if not is_dev and stat.S_IMODE(st.st_mode) & 0o077:
+            # the image holds the data of every file in it: only its owner
+            # may read it, as for an image mkfs creates
+            try:
+                os.fchmod(fd, 0o600)
+                if not a.quiet:
+                    print(f"mkfs.pmfs: {path}: mode {stat.S_IMODE(st.st_mode):04o} changed "
+                          f"to 0600 (other users could have read or changed every file "
+                          f"in it)", file=sys.stderr)
+            except OSError as e:
+                os.close(fd)
+                raise QuietError(f"{path}: cannot make it private (chmod 600): "
+                                 f"{e.strerror}") from None
         if not is_dev:
             try:
                 # empty the file (fast and leaves no stale metadata), then size it

@@ -24,6 +24,7 @@ import logging.handlers
 import os
 import signal
 import socket
+import stat
 import sys
 
 from . import __version__
@@ -90,16 +91,24 @@ def parse_options(text_list) -> Config:
                 cfg.fsname = val
             elif key == "subtype" and eq:
                 cfg.subtype = val
-            elif key == "backend" and val in ("auto", "libpmem", "msync"):
+            elif key == "backend" and eq:
+                if val not in ("auto", "libpmem", "msync"):
+                    raise UsageError(f"invalid value for backend: {val!r} (auto, libpmem "
+                                     f"or msync)")
                 cfg.backend = val
             elif key in ("attr_timeout", "entry_timeout") and eq:
                 try:
-                    setattr(cfg, key, float(val))
+                    t = float(val)
+                    if not (0 <= t < 1e9):  # also nan and inf
+                        raise ValueError
+                    setattr(cfg, key, t)
                 except ValueError:
                     raise UsageError(f"invalid value for {key}: {val!r}") from None
             elif key == "readahead" and eq:
                 try:
                     cfg.readahead_kb = int(val)
+                    if cfg.readahead_kb < 0:
+                        raise ValueError
                 except ValueError:
                     raise UsageError(f"invalid value for readahead: {val!r}") from None
             elif key == "spin" and eq:
@@ -189,7 +198,6 @@ def _writable(path: str) -> bool:
 
 
 def stat_is_dir(mode: int) -> bool:
-    import stat
     return stat.S_ISDIR(mode)
 
 
@@ -289,6 +297,17 @@ class Daemon:
                         "processed %d orphan(s)", self.image,
                         self.fs.stats["recovered_tx"], self.fs.stats["orphans"])
         log.info("opened %s (%s)", self.image, self.img.describe())
+        # an image others may read or write bypasses every permission in it:
+        # tell its owner (who can chmod it)
+        try:
+            st = os.stat(self.image)
+            mode = st.st_mode if st.st_uid == os.geteuid() else 0
+        except OSError:
+            mode = 0  # gone meanwhile
+        if stat.S_ISREG(mode) and mode & 0o066:
+            can = "change" if mode & 0o022 else "read"
+            self.warn(f"{self.image} is mode {stat.S_IMODE(mode):04o}: other users can {can} "
+                      f"every file in it, whatever its permissions (chmod 600 {self.image})")
 
     def _refuse_foreign_owner(self) -> None:
         from .layout import SB_FSCK_RUNNING, SB_NEEDS_FSCK
@@ -522,6 +541,14 @@ def main_args(argv) -> int:
     if os.path.isdir(a.image):
         raise QuietError(f"{a.image}: is a directory, not an image file", EXIT_FAIL)
     _check_mountpoint(a.mountpoint)
+    if cfg.log:
+        # the daemon's log must open: say so here, once (the daemon would
+        # have nowhere to report it)
+        try:
+            os.close(os.open(cfg.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                             0o644))
+        except OSError as e:
+            raise QuietError(f"log file {cfg.log}: {e.strerror}", EXIT_FAIL) from None
     if a.foreground:
         return _foreground(a, cfg)
     return _daemonize_and_mount(a, cfg)

@@ -224,6 +224,90 @@ def test_usage_errors(work):
     failed(mkfs_pmfs(image, "12potatoes"), 16, r"mkfs\.pmfs: invalid size .*")
 
 
+def test_bad_option_values_and_mount_points(work):
+    """Values out of range, a log file that cannot be opened, a mount point
+    that is missing or a file: one line each, nothing mounted."""
+    d, mnt = work
+    image = image_16m(d)
+    for opt in ("attr_timeout=nan", "attr_timeout=-1", "entry_timeout=inf",
+                "entry_timeout=x", "readahead=-4", "spin=-1", "spin=1.5"):
+        key, _eq, val = opt.partition("=")
+        failed(mount_pmfs(image, mnt, "-o", opt), 1,
+               re.escape(f"mount.pmfs: invalid value for {key}: {val!r}"))
+    failed(mount_pmfs(image, mnt, "-o", "backend=foo"), 1,
+           re.escape("mount.pmfs: invalid value for backend: 'foo' (auto, libpmem or msync)"))
+    for fg in ([], ["-f"]):
+        failed(mount_pmfs(image, mnt, *fg, "-o", f"log={d}/no-such-dir/log"), 32,
+               re.escape(f"mount.pmfs: log file {d}/no-such-dir/log: No such file or "
+                         f"directory"))
+        failed(mount_pmfs(image, mnt, *fg, "-o", f"log={d}"), 32,
+               re.escape(f"mount.pmfs: log file {d}: Is a directory"))
+    failed(mount_pmfs(image, os.path.join(d, "nowhere")), 32,
+           re.escape(f"mount.pmfs: mount point {d}/nowhere does not exist"))
+    failed(mount_pmfs(image, image), 32,
+           re.escape(f"mount.pmfs: mount point {image} is not a directory"))
+    assert not fuse_mounted(mnt) and not daemons_of(image)
+
+
+def test_files_that_are_no_image(work):
+    """A procfs file (no size, no mmap) and /dev/zero (a character device
+    without a size): every program says what it is, in one line."""
+    _d, mnt = work
+    status = "/proc/self/status"
+    r = mount_pmfs(status, mnt)
+    failed(r, 32, r"mount\.pmfs: /proc/\d+/status: not an image \(cannot tell its size: "
+                  r"Invalid argument\)")
+    failed(fsck_pmfs("-n", status), 8,
+           r"fsck\.pmfs: /proc/self/status: not an image \(cannot tell its size: "
+           r"Invalid argument\)")
+    failed(run(prog("pmfs-inspect"), status), 8,
+           r"pmfs-inspect: /proc/self/status: not an image .*")
+    failed(mount_pmfs("/dev/zero", mnt), 32,
+           re.escape("mount.pmfs: /dev/zero: not an image (a character device without a "
+                     "size)"))
+    failed(fsck_pmfs("-n", "/dev/zero"), 8,
+           re.escape("fsck.pmfs: /dev/zero: not an image (a character device without a "
+                     "size)"))
+    assert not fuse_mounted(mnt)
+
+
+def test_image_readable_by_others(work):
+    """mkfs.pmfs makes an existing image file private (0600) as it formats
+    it; mount.pmfs warns the owner of an image others may read or write
+    (they would bypass every permission in it), and mounts it."""
+    d, mnt = work
+    image = os.path.join(d, "shared.img")
+    with open(image, "wb"):
+        pass
+    os.chmod(image, 0o644)
+    r = run(prog("mkfs.pmfs"), image, "16M")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == f"mkfs.pmfs: {image}: mode 0644 changed to 0600 (other users could " \
+                       f"have read or changed every file in it)\n"
+    assert os.stat(image).st_mode & 0o777 == 0o600
+    os.chmod(image, 0o666)
+    r = mkfs_pmfs("-F", image, "16M")  # -q: silent
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert os.stat(image).st_mode & 0o777 == 0o600
+    for mode, can in ((0o640, "read"), (0o606, "change")):
+        os.chmod(image, mode)
+        r = mount_pmfs(image, mnt)
+        try:
+            assert r.returncode == 0, r.stderr
+            assert fuse_mounted(mnt)
+            assert r.stderr == f"mount.pmfs: warning: {image} is mode {mode:04o}: other " \
+                               f"users can {can} every file in it, whatever its " \
+                               f"permissions (chmod 600 {image})\n"
+        finally:
+            unmount_bg(mnt, image)
+    os.chmod(image, 0o600)
+    r = mount_pmfs(image, mnt)
+    try:
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+    finally:
+        unmount_bg(mnt, image)
+
+
 # --------------------------------------------------------------------------
 # read-only images
 # --------------------------------------------------------------------------
