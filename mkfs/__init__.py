@@ -174,7 +174,8 @@ def build_parser() -> ArgumentParser:
         prog="mkfs.pmfs",
         description="Create a pmfs file system in IMAGE (a file, created with its space "
                     "allocated if it does not exist -- see --sparse -- or a block/DAX "
-                    "device).",
+                    "device). An image file is private to its owner (mode 0600, also "
+                    "an existing one).",
         epilog="Exit codes: 0 success, 8 operational error, 16 usage error.")
     p.add_argument("image", metavar="IMAGE", help="image file or device")
     p.add_argument("size", metavar="SIZE", nargs="?",

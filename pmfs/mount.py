@@ -362,7 +362,8 @@ class Daemon:
         if err is not None:
             reason = said.removeprefix("fuse: ") if said else str(err)
             hint = ""
-            if cfg.allow_other and os.getuid() != 0:
+            if (cfg.allow_other and os.getuid() != 0 and "allow_other" not in reason
+                    and "/dev/fuse" not in reason):
                 hint = " (allow_other needs user_allow_other in /etc/fuse.conf)"
             raise QuietError(f"cannot mount on {self.mountpoint}: {reason}{hint}",
                              EXIT_FAIL) from None
