@@ -305,6 +305,18 @@ def main_args(argv) -> int:
             raise QuietError(f"{path}: cannot open for writing: {e.strerror}") from None
         lock(fd)
         zero_meta = is_dev
+        if not is_dev:
+            try:
+                # empty the file (fast and leaves no stale metadata), then size it
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, geo.total_blocks * BLOCK_SIZE)
+                if not a.sparse:
+                    _preallocate(fd, geo.total_blocks * BLOCK_SIZE, path, progress)
+            except (OSError, QuietError) as e:
+                os.close(fd)
+                if isinstance(e, QuietError):
+                    raise
+                raise QuietError(f"{path}: cannot size the image: {e.strerror}") from None
         if not is_dev and stat.S_IMODE(st.st_mode) & 0o077:
             # the image holds the data of every file in it: only its owner
             # may read it, as for an image mkfs creates
@@ -318,18 +330,6 @@ def main_args(argv) -> int:
                 os.close(fd)
                 raise QuietError(f"{path}: cannot make it private (chmod 600): "
                                  f"{e.strerror}") from None
-        if not is_dev:
-            try:
-                # empty the file (fast and leaves no stale metadata), then size it
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, geo.total_blocks * BLOCK_SIZE)
-                if not a.sparse:
-                    _preallocate(fd, geo.total_blocks * BLOCK_SIZE, path, progress)
-            except (OSError, QuietError) as e:
-                os.close(fd)
-                if isinstance(e, QuietError):
-                    raise
-                raise QuietError(f"{path}: cannot size the image: {e.strerror}") from None
     try:
         img = open_image(path)  # the lock is held through `fd`
         try:
