@@ -183,6 +183,15 @@ def _setup_logging(cfg: Config, foreground: bool) -> None:
                                                    f"pmfs-{os.getuid()}.log"))
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
+    # a fatal signal (above all SIGBUS: the image file shrank under the
+    # mapping) is written to the log with where it struck, not lost
+    stream = getattr(handler, "stream", None)
+    if stream is not None:
+        import faulthandler
+        try:
+            faulthandler.enable(stream)
+        except (ValueError, OSError, AttributeError):
+            pass
     root.setLevel(level)
     logging.getLogger("pyfuse3").setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
 

@@ -15,6 +15,7 @@ the program's conventional exit code:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -443,6 +444,44 @@ def test_image_cut_in_half(work):
     assert r.returncode == 0, r.stderr
     r = fsck_pmfs("-n", "-f", image)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_image_cut_under_a_running_daemon(work):
+    """The image file truncated while mounted is a pulled disk: the daemon
+    dies at its next access past the new end (SIGBUS on the mapping) and
+    says so in its log; the dead mount answers an error until it is
+    unmounted, and the image is then refused as truncated."""
+    d, mnt = work
+    image = image_16m(d)
+    log = image + ".log"
+    opts = f"log={log},attr_timeout=0,entry_timeout=0"
+    r = mount_pmfs(image, mnt, "-o", opts)
+    assert r.returncode == 0, r.stderr
+    try:
+        os.mkdir(os.path.join(mnt, "d"))
+        with open(os.path.join(mnt, "d", "f"), "wb") as f:
+            f.write(b"x")
+    finally:
+        unmount_bg(mnt, image)
+    r = mount_pmfs(image, mnt, "-o", opts)  # cold caches
+    assert r.returncode == 0, r.stderr
+    try:
+        os.truncate(image, 16 << 10)  # the inode table is gone
+        with pytest.raises(OSError) as e:
+            os.listdir(os.path.join(mnt, "d"))
+        assert e.value.errno in (errno.ECONNABORTED, errno.ENOTCONN), e.value
+        deadline = time.monotonic() + 10
+        while daemons_of(image) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not daemons_of(image)
+        text = slurp(log).decode()
+        assert "Fatal Python error: Bus error" in text, text
+    finally:
+        unmount_bg(mnt, image)
+    assert not fuse_mounted(mnt)
+    msg = f"{image}: image is 16384 bytes but the file system needs 16777216 (truncated image?)"
+    failed(mount_pmfs(image, mnt), 32, re.escape(f"mount.pmfs: {msg}"))
+    failed(fsck_pmfs("-n", image), 8, re.escape(f"fsck.pmfs: {msg}"))
 
 
 def test_random_bytes(work):
