@@ -178,9 +178,7 @@ def _setup_logging(cfg: Config, foreground: bool) -> None:
         fmt = "pmfs[%(process)d]: %(levelname)s: %(message)s"
     else:
         # no syslog: never drop the log (corruption reports, the summary)
-        import tempfile
-        handler = logging.FileHandler(os.path.join(tempfile.gettempdir(),
-                                                   f"pmfs-{os.getuid()}.log"))
+        handler = logging.StreamHandler(_private_log())
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     # a fatal signal (above all SIGBUS: the image file shrank under the
@@ -194,6 +192,25 @@ def _setup_logging(cfg: Config, foreground: bool) -> None:
             pass
     root.setLevel(level)
     logging.getLogger("pyfuse3").setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
+
+
+def _private_log():
+    """The fallback log, $TMPDIR/pmfs-UID.log, opened for appending without
+    following a symlink and only if it is a regular file of ours: in a
+    world-writable directory, anyone could have made that name first (a
+    symlink to /etc/shadow, for a daemon run by root)."""
+    import tempfile
+    path = os.path.join(tempfile.gettempdir(), f"pmfs-{os.getuid()}.log")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    except OSError:
+        return open(os.devnull, "a")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        return open(os.devnull, "a")
+    return os.fdopen(fd, "a", buffering=1)
 
 
 def _writable(path: str) -> bool:
