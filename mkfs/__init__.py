@@ -175,7 +175,8 @@ def build_parser() -> ArgumentParser:
         prog="mkfs.pmfs",
         description="Create a pmfs file system in IMAGE (a file, created with its space "
                     "allocated if it does not exist -- see --sparse -- or a block/DAX "
-                    "device).",
+                    "device). An image file is private to its owner (mode 0600, also "
+                    "an existing one).",
         epilog="Exit codes: 0 success, 8 operational error, 16 usage error.")
     p.add_argument("image", metavar="IMAGE", help="image file or device")
     p.add_argument("size", metavar="SIZE", nargs="?",
@@ -340,6 +341,19 @@ def main_args(argv) -> int:
                 if isinstance(e, QuietError):
                     raise
                 raise QuietError(f"{path}: cannot size the image: {e.strerror}") from None
+        if not is_dev and stat.S_IMODE(st.st_mode) & 0o077:
+            # the image holds the data of every file in it: only its owner
+            # may read it, as for an image mkfs creates
+            try:
+                os.fchmod(fd, 0o600)
+                if not a.quiet:
+                    print(f"mkfs.pmfs: {path}: mode {stat.S_IMODE(st.st_mode):04o} changed "
+                          f"to 0600 (other users could have read or changed every file "
+                          f"in it)", file=sys.stderr)
+            except OSError as e:
+                os.close(fd)
+                raise QuietError(f"{path}: cannot make it private (chmod 600): "
+                                 f"{e.strerror}") from None
     try:
         img = open_image(path)  # the lock is held through `fd`
         try:

@@ -302,6 +302,19 @@ class FileSystem:
                 ic.popitem(last=False)
         return inode
 
+    def iget_entry(self, ino: int, name: bytes) -> Inode:
+        """The inode directory entry `name` names.  An entry naming a free
+        or out-of-range inode is damage (FormatError: EIO for that name,
+        logged once, the image marked for fsck), not a missing name."""
+        try:
+            return self.iget(ino)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            raise FormatError(f"directory entry {name!r} names inode {ino}, which is "
+                              f"{'free' if 0 < ino < self.inode_count else 'out of range'}"
+                              ) from None
+
     def _mod(self, tx, inode: Inode) -> Inode:
         """Declare that `tx` changes `inode` (snapshot for abort, write at commit)."""
         snaps = tx.meta.get("inodes")
@@ -729,7 +742,7 @@ class FileSystem:
         e = self.dir(p).lookup(name)
         if e is None:
             raise _err(errno.ENOENT)
-        return self.iget(e[0])
+        return self.iget_entry(e[0], name)
 
     @_op
     def setattr(self, ino: int, mode: int | None = None, uid: int | None = None,
@@ -963,7 +976,7 @@ class FileSystem:
         e = d.lookup(name)
         if e is None:
             raise _err(errno.EISDIR if name in (b".", b"..") else errno.ENOENT)
-        inode = self.iget(e[0])
+        inode = self.iget_entry(e[0], name)
         if stat.S_ISDIR(inode.mode):
             raise _err(errno.EISDIR)
         now = time.time_ns()
@@ -998,7 +1011,7 @@ class FileSystem:
         e = d.lookup(name)
         if e is None:
             raise _err(errno.ENOENT)
-        inode = self.iget(e[0])
+        inode = self.iget_entry(e[0], name)
         if not stat.S_ISDIR(inode.mode):
             raise _err(errno.ENOTDIR)
         if len(self.dir(inode)):
@@ -1042,9 +1055,9 @@ class FileSystem:
         e1 = d1.lookup(name)
         if e1 is None:
             raise _err(errno.ENOENT)
-        src = self.iget(e1[0])
+        src = self.iget_entry(e1[0], name)
         e2 = d2.lookup(newname)
-        dst = self.iget(e2[0]) if e2 is not None else None
+        dst = self.iget_entry(e2[0], newname) if e2 is not None else None
         if exchange and dst is None:
             raise _err(errno.ENOENT)
         if noreplace and dst is not None:

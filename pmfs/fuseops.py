@@ -249,9 +249,9 @@ class Operations(pyfuse3.Operations):
         fs = self.fs
         for name, ino, _ftype, next_id in fs.iter_dir(fh, start_id):
             try:
-                inode = fs.iget(ino)
+                inode = fs.iget(ino) if name in (b".", b"..") else fs.iget_entry(ino, name)
             except OSError:
-                continue  # raced with a removal: skip the entry
+                continue
             except FormatError as e:
                 # a damaged inode: the rest of the directory stays listable
                 fs.corruption(str(e))

@@ -34,6 +34,7 @@ import logging.handlers
 import os
 import signal
 import socket
+import stat
 import sys
 
 from . import __version__
@@ -101,16 +102,24 @@ def parse_options(text_list) -> Config:
                 cfg.fsname = val
             elif key == "subtype" and eq:
                 cfg.subtype = val
-            elif key == "backend" and val in ("auto", "libpmem", "msync"):
+            elif key == "backend" and eq:
+                if val not in ("auto", "libpmem", "msync"):
+                    raise UsageError(f"invalid value for backend: {val!r} (auto, libpmem "
+                                     f"or msync)")
                 cfg.backend = val
             elif key in ("attr_timeout", "entry_timeout") and eq:
                 try:
-                    setattr(cfg, key, float(val))
+                    t = float(val)
+                    if not (0 <= t < 1e9):  # also nan and inf
+                        raise ValueError
+                    setattr(cfg, key, t)
                 except ValueError:
                     raise UsageError(f"invalid value for {key}: {val!r}") from None
             elif key == "readahead" and eq:
                 try:
                     cfg.readahead_kb = int(val)
+                    if cfg.readahead_kb < 0:
+                        raise ValueError
                 except ValueError:
                     raise UsageError(f"invalid value for readahead: {val!r}") from None
             elif key == "spin" and eq:
@@ -241,10 +250,12 @@ def _setup_logging(cfg: Config, foreground: bool) -> str:
                 raise QuietError(f"cannot log to syslog: {_syslog_address()}: "
                                  f"{e.strerror or e} (is a syslog daemon running? "
                                  f"-o log=PATH logs to a file)", EXIT_FAIL) from None
-            # no syslog: never drop the log (corruption reports, the summary)
+            # no syslog: never drop the log (corruption reports, the summary);
+            # the fallback file is opened without following a planted symlink
+            handler = logging.StreamHandler(_private_log())
             import tempfile
             dest = os.path.join(tempfile.gettempdir(), f"pmfs-{os.getuid()}.log")
-    if dest not in ("stderr", "syslog"):
+    elif dest != "stderr":
         try:
             handler = logging.FileHandler(dest)
         except OSError as e:
@@ -254,9 +265,37 @@ def _setup_logging(cfg: Config, foreground: bool) -> str:
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
+    # a fatal signal (above all SIGBUS: the image file shrank under the
+    # mapping) is written to the log with where it struck, not lost
+    stream = getattr(handler, "stream", None)
+    if stream is not None:
+        import faulthandler
+        try:
+            faulthandler.enable(stream)
+        except (ValueError, OSError, AttributeError):
+            pass
     root.setLevel(level)
     logging.getLogger("pyfuse3").setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
     return dest
+
+
+def _private_log():
+    """The fallback log, $TMPDIR/pmfs-UID.log, opened for appending without
+    following a symlink and only if it is a regular file of ours: in a
+    world-writable directory, anyone could have made that name first (a
+    symlink to /etc/shadow, for a daemon run by root)."""
+    import tempfile
+    path = os.path.join(tempfile.gettempdir(), f"pmfs-{os.getuid()}.log")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    except OSError:
+        return open(os.devnull, "a")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        return open(os.devnull, "a")
+    return os.fdopen(fd, "a", buffering=1)
 
 
 def _writable(path: str) -> bool:
@@ -270,7 +309,6 @@ def _writable(path: str) -> bool:
 
 
 def stat_is_dir(mode: int) -> bool:
-    import stat
     return stat.S_ISDIR(mode)
 
 
@@ -371,6 +409,17 @@ class Daemon:
                         "processed %d orphan(s)", self.image,
                         self.fs.stats["recovered_tx"], self.fs.stats["orphans"])
         log.info("opened %s (%s)", self.image, self.img.describe())
+        # an image others may read or write bypasses every permission in it:
+        # tell its owner (who can chmod it)
+        try:
+            st = os.stat(self.image)
+            mode = st.st_mode if st.st_uid == os.geteuid() else 0
+        except OSError:
+            mode = 0  # gone meanwhile
+        if stat.S_ISREG(mode) and mode & 0o066:
+            can = "change" if mode & 0o022 else "read"
+            self.warn(f"{self.image} is mode {stat.S_IMODE(mode):04o}: other users can {can} "
+                      f"every file in it, whatever its permissions (chmod 600 {self.image})")
 
     def _refuse_foreign_owner(self) -> None:
         from .layout import SB_FSCK_RUNNING, SB_NEEDS_FSCK
@@ -425,7 +474,8 @@ class Daemon:
         if err is not None:
             reason = said.removeprefix("fuse: ") if said else str(err)
             hint = ""
-            if cfg.allow_other and os.getuid() != 0:
+            if (cfg.allow_other and os.getuid() != 0 and "allow_other" not in reason
+                    and "/dev/fuse" not in reason):
                 hint = " (allow_other needs user_allow_other in /etc/fuse.conf)"
             raise QuietError(f"cannot mount on {self.mountpoint}: {reason}{hint}",
                              EXIT_FAIL) from None
@@ -606,6 +656,15 @@ def main_args(argv) -> int:
     if os.path.isdir(a.image):
         raise QuietError(f"{a.image}: is a directory, not an image file", EXIT_FAIL)
     _check_mountpoint(a.mountpoint)
+    if cfg.log and cfg.log != "syslog":
+        # the daemon's log must open: say so here, once (the daemon would
+        # have nowhere to report it)
+        try:
+            os.close(os.open(cfg.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                             0o644))
+        except OSError as e:
+            raise QuietError(f"cannot open the log file {cfg.log}: {e.strerror or e} "
+                             f"(-o log=PATH)", EXIT_FAIL) from None
     if a.foreground:
         return _foreground(a, cfg)
     return _daemonize_and_mount(a, cfg)

@@ -496,7 +496,14 @@ def open_image(path: str, readonly: bool = False, backend: str = "auto",
                         raise ImageBusy(f"{path}: in use by another process (mounted, or "
                                         f"being checked)", errno.EBUSY) from None
                     time.sleep(0.05)
-        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+        except OSError as e:
+            raise ImageError(f"{path}: not an image (cannot tell its size: {e.strerror})",
+                             e.errno) from None
+        if size == 0 and stat.S_ISCHR(st.st_mode):
+            raise ImageError(f"{path}: not an image (a character device without a size)",
+                             errno.EINVAL)
         if size < max(min_size, 1):
             raise ImageError(f"{path}: image is too small ({size} bytes)", errno.EINVAL)
         use_pmem = False

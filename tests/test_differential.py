@@ -360,24 +360,28 @@ def test_differential_uncached(shm_dir, ref_dir):
 
 def test_difftest_long_mode_bounded():
     """tools/difftest (the long mode) in a CI-sized run: 2,000 operations
-    with two clean remounts and one SIGKILL crash-recovery in between (plus
-    the final remount); every tree, free-space and daemon-log check of the
-    long mode applies."""
+    with two clean remounts, one SIGKILL crash-recovery after fsyncing
+    everything and two SIGKILLs at random moments while operations run (the
+    recovered tree must be the reference tree from just before or just
+    after the operation in flight), plus the final remount, with
+    `fsck.pmfs -n -f` after each; every tree, free-space and daemon-log
+    check of the long mode applies."""
     workdir = tempfile.mkdtemp(prefix="pmfs-difftest-ci-", dir=SHM)
     try:
         r = subprocess.run([sys.executable, DIFFTEST, "--seed", "1", "--ops", "2000",
                             "--remount-every", "900", "--crash-every", "1700",
+                            "--kill-under-load", "2", "--fsck",
                             "--image-size", "128M", "--workdir", workdir, "-q"],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=600)
         out = r.stdout + r.stderr
         summary = [line for line in out.splitlines() if line.startswith("difftest: seed")]
         assert summary, f"no summary from difftest:\n{out[-5000:]}"
         assert r.returncode == 0, f"difftest found mismatches (exit {r.returncode}):\n" \
                                   f"{out[-12000:]}"
         # remounts at 900 and 1800, the crash at 1700 (800 operations in the
-        # log it recovers), and the final remount
+        # log it recovers), two kills under load, and the final remount
         assert "2000 operations" in summary[0], out[-5000:]
-        assert "3 remount(s), 1 crash-recover(ies)" in summary[0], out[-5000:]
+        assert "3 remount(s), 3 crash-recover(ies)" in summary[0], out[-5000:]
     finally:
         subprocess.run(["fusermount3", "-u", "-z", os.path.join(workdir, "mnt")],
                        capture_output=True)

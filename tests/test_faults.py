@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 import random
 import signal
@@ -115,6 +117,51 @@ def test_killtest_usage():
     assert r.returncode == 2 and "must be positive" in r.stderr, r.stderr
     r = killtest("--bogus")
     assert r.returncode == 2
+
+
+def load_killtest():
+    loader = importlib.machinery.SourceFileLoader("pmfs_killtest", KILLTEST)
+    spec = importlib.util.spec_from_loader("pmfs_killtest", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def test_killtest_model_of_a_write_cut_short():
+    """A write the kill cut short (the kernel split it at a page boundary:
+    write() returned the count of the first request, the second died with
+    the daemon -- or was applied just before) may leave the rest either
+    way; nothing else about the file is uncertain."""
+    kt = load_killtest()
+    m = kt.Model("w0")
+    m.apply(["create", "w0/f"], None)
+    m.apply(["write", "w0/f", 0, 8192, "a"], 8192)
+    m.apply(["fsync", "w0/f"], None)
+    op = ["write", "w0/f", 4000, 4096, "b"]
+    m.apply(op, 96)  # 4000 + 96 = 4096: the first page only
+    a, b = kt.data_for("a", 8192), kt.data_for("b", 4096)
+    part = a[:4000] + b[:96] + a[4096:]
+    full = a[:4000] + b + a[8096:]
+
+    def obs(data):
+        return {"w0": ("d", 1, 2), "w0/f": ("f", 2, 1, data, {}, len(data))}
+    assert kt.compare(m, obs(part)) == []
+    assert kt.compare(m, obs(full)) == []
+    # a byte neither old nor new, the first part lost, or the size changed
+    bad = bytearray(full)
+    bad[5000] ^= 0xFF
+    assert kt.compare(m, obs(bytes(bad)))
+    assert kt.compare(m, obs(a))
+    assert kt.compare(m, obs(full + b"x"))
+    # an operation in flight on top of the cut write: every version counts
+    cands = m.uncertain(["write", "w0/f", 8192, 100, "c"])
+    c = kt.data_for("c", 100)
+    assert [kt.compare(x, obs(part + c)) for x in cands] == [[]]
+    assert [kt.compare(x, obs(full + c)) for x in cands] == [[]]
+    # a write that returned in full ends the uncertainty
+    m.apply(["truncate", "w0/f", 100], None)
+    assert kt.compare(m, obs(part[:100])) == []
+    assert kt.compare(m, obs(full[:100] + b"\0"))
 
 
 # --------------------------------------------------------------------------

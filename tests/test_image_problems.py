@@ -15,6 +15,7 @@ the program's conventional exit code:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -224,6 +225,91 @@ def test_usage_errors(work):
     failed(mkfs_pmfs(image, "12potatoes"), 16, r"mkfs\.pmfs: invalid size .*")
 
 
+def test_bad_option_values_and_mount_points(work):
+    """Values out of range, a log file that cannot be opened, a mount point
+    that is missing or a file: one line each, nothing mounted."""
+    d, mnt = work
+    image = image_16m(d)
+    for opt in ("attr_timeout=nan", "attr_timeout=-1", "entry_timeout=inf",
+                "entry_timeout=x", "readahead=-4", "spin=-1", "spin=1.5"):
+        key, _eq, val = opt.partition("=")
+        failed(mount_pmfs(image, mnt, "-o", opt), 1,
+               re.escape(f"mount.pmfs: invalid value for {key}: {val!r}"))
+    failed(mount_pmfs(image, mnt, "-o", "backend=foo"), 1,
+           re.escape("mount.pmfs: invalid value for backend: 'foo' (auto, libpmem or msync)"))
+    for fg in ([], ["-f"]):
+        failed(mount_pmfs(image, mnt, *fg, "-o", f"log={d}/no-such-dir/log"), 32,
+               re.escape(f"mount.pmfs: cannot open the log file {d}/no-such-dir/log: "
+                         f"No such file or directory (-o log=PATH)"))
+        failed(mount_pmfs(image, mnt, *fg, "-o", f"log={d}"), 32,
+               re.escape(f"mount.pmfs: cannot open the log file {d}: Is a directory "
+                         f"(-o log=PATH)"))
+    failed(mount_pmfs(image, os.path.join(d, "nowhere")), 32,
+           re.escape(f"mount.pmfs: mount point {d}/nowhere does not exist"))
+    failed(mount_pmfs(image, image), 32,
+           re.escape(f"mount.pmfs: mount point {image} is not a directory"))
+    assert not fuse_mounted(mnt) and not daemons_of(image)
+
+
+def test_files_that_are_no_image(work):
+    """A procfs file (no size, no mmap) and /dev/zero (a character device
+    without a size): every program says what it is, in one line."""
+    _d, mnt = work
+    status = "/proc/self/status"
+    r = mount_pmfs(status, mnt)
+    failed(r, 32, r"mount\.pmfs: /proc/\d+/status: not an image \(cannot tell its size: "
+                  r"Invalid argument\)")
+    failed(fsck_pmfs("-n", status), 8,
+           r"fsck\.pmfs: /proc/self/status: not an image \(cannot tell its size: "
+           r"Invalid argument\)")
+    failed(run(prog("pmfs-inspect"), status), 8,
+           r"pmfs-inspect: /proc/self/status: not an image .*")
+    failed(mount_pmfs("/dev/zero", mnt), 32,
+           re.escape("mount.pmfs: /dev/zero: not an image (a character device without a "
+                     "size)"))
+    failed(fsck_pmfs("-n", "/dev/zero"), 8,
+           re.escape("fsck.pmfs: /dev/zero: not an image (a character device without a "
+                     "size)"))
+    assert not fuse_mounted(mnt)
+
+
+def test_image_readable_by_others(work):
+    """mkfs.pmfs makes an existing image file private (0600) as it formats
+    it; mount.pmfs warns the owner of an image others may read or write
+    (they would bypass every permission in it), and mounts it."""
+    d, mnt = work
+    image = os.path.join(d, "shared.img")
+    with open(image, "wb"):
+        pass
+    os.chmod(image, 0o644)
+    r = run(prog("mkfs.pmfs"), image, "16M")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == f"mkfs.pmfs: {image}: mode 0644 changed to 0600 (other users could " \
+                       f"have read or changed every file in it)\n"
+    assert os.stat(image).st_mode & 0o777 == 0o600
+    os.chmod(image, 0o666)
+    r = mkfs_pmfs("-F", image, "16M")  # -q: silent
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert os.stat(image).st_mode & 0o777 == 0o600
+    for mode, can in ((0o640, "read"), (0o606, "change")):
+        os.chmod(image, mode)
+        r = mount_pmfs(image, mnt)
+        try:
+            assert r.returncode == 0, r.stderr
+            assert fuse_mounted(mnt)
+            assert r.stderr == f"mount.pmfs: warning: {image} is mode {mode:04o}: other " \
+                               f"users can {can} every file in it, whatever its " \
+                               f"permissions (chmod 600 {image})\n"
+        finally:
+            unmount_bg(mnt, image)
+    os.chmod(image, 0o600)
+    r = mount_pmfs(image, mnt)
+    try:
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+    finally:
+        unmount_bg(mnt, image)
+
+
 # --------------------------------------------------------------------------
 # read-only images
 # --------------------------------------------------------------------------
@@ -359,6 +445,44 @@ def test_image_cut_in_half(work):
     assert r.returncode == 0, r.stderr
     r = fsck_pmfs("-n", "-f", image)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_image_cut_under_a_running_daemon(work):
+    """The image file truncated while mounted is a pulled disk: the daemon
+    dies at its next access past the new end (SIGBUS on the mapping) and
+    says so in its log; the dead mount answers an error until it is
+    unmounted, and the image is then refused as truncated."""
+    d, mnt = work
+    image = image_16m(d)
+    log = image + ".log"
+    opts = f"log={log},attr_timeout=0,entry_timeout=0"
+    r = mount_pmfs(image, mnt, "-o", opts)
+    assert r.returncode == 0, r.stderr
+    try:
+        os.mkdir(os.path.join(mnt, "d"))
+        with open(os.path.join(mnt, "d", "f"), "wb") as f:
+            f.write(b"x")
+    finally:
+        unmount_bg(mnt, image)
+    r = mount_pmfs(image, mnt, "-o", opts)  # cold caches
+    assert r.returncode == 0, r.stderr
+    try:
+        os.truncate(image, 16 << 10)  # the inode table is gone
+        with pytest.raises(OSError) as e:
+            os.listdir(os.path.join(mnt, "d"))
+        assert e.value.errno in (errno.ECONNABORTED, errno.ENOTCONN), e.value
+        deadline = time.monotonic() + 10
+        while daemons_of(image) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not daemons_of(image)
+        text = slurp(log).decode()
+        assert "Fatal Python error: Bus error" in text, text
+    finally:
+        unmount_bg(mnt, image)
+    assert not fuse_mounted(mnt)
+    msg = f"{image}: image is 16384 bytes but the file system needs 16777216 (truncated image?)"
+    failed(mount_pmfs(image, mnt), 32, re.escape(f"mount.pmfs: {msg}"))
+    failed(fsck_pmfs("-n", image), 8, re.escape(f"fsck.pmfs: {msg}"))
 
 
 def test_random_bytes(work):

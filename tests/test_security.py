@@ -838,6 +838,49 @@ def test_open_image_never_follows_a_symlink(shm_dir):
         open_image(link, readonly=True)
 
 
+def test_fallback_log_never_follows_a_planted_name(shm_dir, monkeypatch):
+    """Without syslog and without -o log=, the daemon logs to
+    $TMPDIR/pmfs-UID.log: a name anyone may have made first in a
+    world-writable directory.  A symlink there (to a file root could
+    write), a FIFO or a file of another user is never written to; a file
+    it makes is mode 0600."""
+    import tempfile
+
+    from pmfs import mount
+    monkeypatch.setenv("TMPDIR", shm_dir)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    name = os.path.join(shm_dir, f"pmfs-{os.getuid()}.log")
+    victim = os.path.join(shm_dir, "victim")
+    with open(victim, "w") as f:
+        f.write("secret\n")
+    os.symlink(victim, name)
+    for planted in ("symlink", "fifo", "foreign"):
+        f = mount._private_log()
+        try:
+            assert f.name == os.devnull, planted
+            f.write("log line\n")
+        finally:
+            f.close()
+        os.unlink(name)
+        if planted == "symlink":
+            os.mkfifo(name)
+        elif planted == "fifo":
+            with open(name, "w"):
+                pass
+            os.chown(name, 65534, 65534)
+    with open(victim) as f:
+        assert f.read() == "secret\n"
+    f = mount._private_log()
+    try:
+        f.write("log line\n")
+    finally:
+        f.close()
+    st = os.lstat(name)
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    with open(name) as f:
+        assert f.read() == "log line\n"
+
+
 def _daemon_files(pid: int) -> set[str]:
     out = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
