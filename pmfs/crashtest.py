@@ -377,17 +377,9 @@ def execute(fs, op: Op) -> int:
         elif n == "unlink":
             p, name = _parent(fs, a[0])
             fs.unlink(p, name)
-        elif n == "openunlink":
-            ino = _lookup(fs, a[0])
-            p, name = _parent(fs, a[0])
-            fs.open(ino)
-            try:
-                fs.unlink(p, name)
-            finally:
-                fs.release(ino)
-        elif n == "deferunlink":
-            # as openunlink, but the release queues the inode for a batch
-            fs.opts.reclaim_batch = max(fs.opts.reclaim_batch, 64)
+        elif n in ("openunlink", "deferunlink"):
+            if n == "deferunlink":  # the release queues the inode for a batch
+                fs.opts.reclaim_batch = max(fs.opts.reclaim_batch, 64)
             ino = _lookup(fs, a[0])
             p, name = _parent(fs, a[0])
             fs.open(ino)

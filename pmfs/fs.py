@@ -121,27 +121,26 @@ class _InodeFlush:
 
 
 def _op(fn):
-    """Turn damaged metadata met by an operation into EIO (logged once)."""
+    """Turn damaged metadata met by an operation into EIO (logged once).
+
+    An operation that runs out of space or inodes while unlinked inodes
+    wait in the reclaim queue is run once more after they are freed --
+    only if it committed nothing, so the retry starts from the same state."""
     def wrapper(self, *a, **kw):
-        try:
+        retried = False
+        while True:
             commits = self.wal.commits
-            return fn(self, *a, **kw)
-        except FormatError as e:
-            self.corruption(str(e))
-            raise _err(errno.EIO, f"corrupted metadata: {e}") from None
-        except OSError as e:
-            # out of space or inodes while unlinked inodes wait to be freed
-            # in a batch: free them and run the operation again (only if
-            # it committed nothing, so the retry starts from the same state)
-            if e.errno != errno.ENOSPC or not self.reclaim_queue \
-                    or self.wal.commits != commits or self.wal.active is not None:
-                raise
-        self.drain_reclaim()
-        try:
-            return fn(self, *a, **kw)
-        except FormatError as e:
-            self.corruption(str(e))
-            raise _err(errno.EIO, f"corrupted metadata: {e}") from None
+            try:
+                return fn(self, *a, **kw)
+            except FormatError as e:
+                self.corruption(str(e))
+                raise _err(errno.EIO, f"corrupted metadata: {e}") from None
+            except OSError as e:
+                if retried or e.errno != errno.ENOSPC or not self.reclaim_queue \
+                        or self.wal.commits != commits or self.wal.active is not None:
+                    raise
+            retried = True
+            self.drain_reclaim()
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     wrapper.__qualname__ = fn.__qualname__
@@ -618,18 +617,10 @@ class FileSystem:
         if ino not in self.zombies or self._in_use(ino) or self.readonly:
             return
         self.zombies.discard(ino)
-        if self.opts.reclaim_batch > 1:
-            q = self.reclaim_queue
-            q.append(ino)
-            if len(q) >= self.opts.reclaim_batch:
-                self.drain_reclaim()
-            return
-        try:
-            inode = self.iget(ino)
-        except OSError:
-            return
-        if inode.nlink == 0 and inode.mode:
-            self._reclaim(inode)
+        q = self.reclaim_queue
+        q.append(ino)
+        if len(q) >= self.opts.reclaim_batch:
+            self.drain_reclaim()
 
     def drain_reclaim(self) -> int:
         """Free the unlinked inodes waiting in the reclaim queue: one

@@ -76,6 +76,17 @@ class Config:
         self.reclaim_batch = 64
 
 
+def _number(key: str, val: str, conv, lo, hi=None):
+    """The value of -o key=val: conv(val) in [lo, hi), else a usage error."""
+    try:
+        x = conv(val)
+        if not (lo <= x and (hi is None or x < hi)):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"invalid value for {key}: {val!r}") from None
+    return x
+
+
 def parse_options(text_list) -> Config:
     cfg = Config()
     for text in text_list:
@@ -108,34 +119,13 @@ def parse_options(text_list) -> Config:
                                      f"or msync)")
                 cfg.backend = val
             elif key in ("attr_timeout", "entry_timeout") and eq:
-                try:
-                    t = float(val)
-                    if not (0 <= t < 1e9):  # also nan and inf
-                        raise ValueError
-                    setattr(cfg, key, t)
-                except ValueError:
-                    raise UsageError(f"invalid value for {key}: {val!r}") from None
+                setattr(cfg, key, _number(key, val, float, 0, 1e9))  # also nan, inf
             elif key == "readahead" and eq:
-                try:
-                    cfg.readahead_kb = int(val)
-                    if cfg.readahead_kb < 0:
-                        raise ValueError
-                except ValueError:
-                    raise UsageError(f"invalid value for readahead: {val!r}") from None
+                cfg.readahead_kb = _number(key, val, int, 0)
             elif key == "spin" and eq:
-                try:
-                    cfg.spin_us = int(val)
-                    if cfg.spin_us < 0:
-                        raise ValueError
-                except ValueError:
-                    raise UsageError(f"invalid value for spin: {val!r}") from None
+                cfg.spin_us = _number(key, val, int, 0)
             elif key == "reclaim_batch" and eq:
-                try:
-                    cfg.reclaim_batch = int(val)
-                    if cfg.reclaim_batch < 1:
-                        raise ValueError
-                except ValueError:
-                    raise UsageError(f"invalid value for reclaim_batch: {val!r}") from None
+                cfg.reclaim_batch = _number(key, val, int, 1)
             elif key == "force_recovery":
                 cfg.recover_foreign = True
             elif key in _FUSE_FLAGS:
