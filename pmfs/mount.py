@@ -599,6 +599,10 @@ def _daemonize_and_mount(args, cfg: Config) -> int:
         os._exit(code)
     os.write(wfd, "\n".join(["OK"] + d.warnings).encode())
     os.close(wfd)
+    # like any daemon (libfuse's fuse_daemonize): keep no directory busy --
+    # the one mount.pmfs was started from may be on a file system that
+    # must unmount later; every path the daemon uses is absolute
+    os.chdir("/")
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

@@ -141,12 +141,24 @@ def test_background_mount_returns_when_live(shm_dir):
     mkfs(image, "32M")
     mnt = os.path.join(shm_dir, "mnt")
     os.mkdir(mnt)
-    r = subprocess.run([prog("mount.pmfs"), image, mnt], capture_output=True, text=True,
-                       timeout=30)
+    # relative paths, started from a directory the daemon must not keep busy
+    r = subprocess.run([prog("mount.pmfs"), "bg.img", "mnt"], capture_output=True, text=True,
+                       timeout=30, cwd=shm_dir)
     try:
         assert r.returncode == 0, r.stderr
         assert fuse_mounted(mnt)
         assert os.listdir(mnt) == ["lost+found"]
+        daemons = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            if b"bg.img" in argv and any(a.endswith(b"mount.pmfs") for a in argv):
+                daemons.append(cwd)
+        assert daemons == ["/"]
     finally:
         subprocess.run(["fusermount3", "-u", mnt])
     # the daemon exits once unmounted, and the image is clean again
