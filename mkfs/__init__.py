@@ -302,8 +302,8 @@ def main_args(argv) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise QuietError(f"{path} is in use (mounted, or being checked by fsck.pmfs); "
-                             f"unmount it first") from None
+            raise QuietError(f"{path} is in use (mounted, being checked by fsck.pmfs or read "
+                             f"by pmfs-inspect); unmount it first") from None
 
     if not exists:
         try:

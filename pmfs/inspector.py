@@ -8,12 +8,15 @@
     pmfs-inspect IMAGE wal                               the log records in detail
     pmfs-inspect IMAGE cat PATH|N > FILE                 a file's bytes (like debugfs's cat)
 
-The tool never writes: it maps the image read-only without taking its lock,
-so it also works on a mounted image.  It takes a snapshot (the metadata
-regions always, the whole image when it is at most 256 MiB), retrying while
-the WAL header changes under it, so a busy mounted image is shown as of
-one moment between two commits.  Nothing reads the image through the
-mount's DRAM state: what is shown is what is on the media.
+The tool never writes: it maps the image read-only.  An image nobody has
+mounted is read in place under a shared lock (held until the tool exits:
+a mount or a repair started meanwhile finds the image busy).  A mounted
+image is read without the lock, from a snapshot (the metadata regions
+always, the whole image when it is at most 256 MiB; holes cost no
+memory), retried while the WAL header changes under it, so a busy mounted
+image is shown as of one moment between two commits.  Nothing reads the
+image through the mount's DRAM state: what is shown is what is on the
+media.
 
 Opening the image for inspection runs no recovery on it.  When the log
 holds committed transactions, the state is shown as it would be after
@@ -59,7 +62,7 @@ from .layout import (BLOCK_SIZE, CACHELINE, I_INLINE, I_ORPHAN, INLINE_MAX,
                      SB_COMMIT_OFF, SB_FSCK_RUNNING, SB_MAGIC, SB_NEEDS_FSCK, SB_SIZE,
                      WAL_REC, WAL_REC_SKIP, FormatError, Inode, WalHeader, decode_wal_entries,
                      decode_xattr_block, fs_seed, inode_checksum_ok, wal_record_header)
-from .pmem import Image, libpmem, libpmem_says_pmem, open_image
+from .pmem import Image, ImageBusy, libpmem, libpmem_says_pmem, open_image
 from .superblock import REPLICA_OFFSETS, SuperblockError, looks_like_pmfs, read_replicas
 from .wal import WAL, WalError
 
@@ -229,9 +232,15 @@ def _wal_header_bytes(img: Image, sb) -> bytes:
     return bytes(img.read(off, 2 * CACHELINE))
 
 
-def take_snapshot(live: Image, sb) -> tuple[SnapshotImage, bool, bool]:
+def take_snapshot(live: Image, sb, quiet: bool = False) -> tuple[SnapshotImage, bool, bool]:
     """(snapshot, whole image copied?, stable?).  Stable: the WAL header
-    (which every commit changes) was the same before and after the copy."""
+    (which every commit changes) was the same before and after the copy.
+
+    quiet: the caller holds a shared lock on the image, so nothing can
+    change it (no mount, no repair): nothing is copied, everything is read
+    in place and only the replay's writes go to private pages."""
+    if quiet:
+        return SnapshotImage(b"", live, live.size, live.path), True, True
     whole = live.size <= FULL_SNAPSHOT_MAX
     end = live.size if whole else min(live.size, sb.data_start * BLOCK_SIZE)
     snap = b""
@@ -239,7 +248,7 @@ def take_snapshot(live: Image, sb) -> tuple[SnapshotImage, bool, bool]:
     # copying a whole image again and again under load is costly: fewer tries
     for _ in range(SNAPSHOT_TRIES if not whole or end <= (16 << 20) else 5):
         before = _wal_header_bytes(live, sb)
-        snap = bytes(live.read_copy(0, end))
+        snap = live.read_copy(0, end)  # no second copy: holes cost no memory
         after = _wal_header_bytes(live, sb)
         if before == after:
             stable = True
@@ -425,7 +434,16 @@ class Inspection:
         self.notes: list[str] = []
         # a symlink (e.g. /dev/disk/by-id/...) names the file it points to
         real = os.path.realpath(path) if os.path.islink(path) else path
-        self.live = open_image(real, readonly=True, lock=None)
+        # Unmounted (the usual case after a crash): a shared lock, held
+        # until the end, keeps a mount or a repair from starting meanwhile
+        # and lets the image be read in place.  Mounted (or being
+        # repaired): no lock, and a snapshot of the metadata instead.
+        try:
+            self.live = open_image(real, readonly=True, lock="shared")
+            self.quiet = True
+        except ImageBusy:
+            self.live = open_image(real, readonly=True, lock=None)
+            self.quiet = False
         self.sb = None
         self.img: SnapshotImage | None = None
         self.vol: Volume | None = None
@@ -455,7 +473,7 @@ class Inspection:
                 raise SuperblockError(msg)
             self.errors.append(msg)
             return
-        snap, whole, stable = take_snapshot(live, sb)
+        snap, whole, stable = take_snapshot(live, sb, self.quiet)
         self.img = snap
         # select again in the snapshot: the superblock may have changed
         sb2, table = _select(snap)

@@ -385,7 +385,7 @@ class Daemon:
                                   lock=lock, wait=0 if image_is_mounted(self.image) else 10)
         except ImageBusy:
             raise QuietError(f"{self.image} is already mounted (or being checked by "
-                             f"fsck.pmfs)", EXIT_FAIL) from None
+                             f"fsck.pmfs, or read by pmfs-inspect)", EXIT_FAIL) from None
         try:
             self._refuse_foreign_owner()
             self.fs = FileSystem(self.img, MountOptions(readonly=readonly, sync=cfg.sync,

@@ -210,9 +210,12 @@ class Image:
         reading them, which on tmpfs would allocate the pages."""
         return False
 
-    def read_copy(self, off: int, n: int) -> bytearray:
-        """A private copy of [off, off+n); holes are not touched (see is_hole)."""
-        out = bytearray(n)
+    def read_copy(self, off: int, n: int):
+        """A private copy of [off, off+n), as a writable buffer.  Holes are
+        not touched (see is_hole), and the copy is anonymous memory whose
+        pages stay unallocated until written: copying a sparse region costs
+        memory only for the parts of it that hold data."""
+        out = mmap.mmap(-1, n) if n >= (1 << 20) else bytearray(n)
         step = 1 << 20
         p = off
         while p < off + n:

@@ -574,7 +574,7 @@ def test_image_in_use(work):
         os.mkdir(mnt2)
         failed(mount_pmfs(image, mnt2), 32,
                re.escape(f"mount.pmfs: {image} is already mounted (or being checked by "
-                         f"fsck.pmfs)"))
+                         f"fsck.pmfs, or read by pmfs-inspect)"))
         failed(mount_pmfs(image, mnt), 32,
                re.escape(f"mount.pmfs: {mnt} is already a FUSE mount point"))
         for mode in ("-n", "-y", "-p"):
@@ -582,8 +582,8 @@ def test_image_in_use(work):
                    re.escape(f"fsck.pmfs: {image} is in use (mounted?): refusing to check it; "
                              f"unmount it first (pmfs-inspect shows a mounted image)"))
         failed(mkfs_pmfs("-F", image, "16M"), 8,
-               re.escape(f"mkfs.pmfs: {image} is in use (mounted, or being checked by "
-                         f"fsck.pmfs); unmount it first"))
+               re.escape(f"mkfs.pmfs: {image} is in use (mounted, being checked by "
+                         f"fsck.pmfs or read by pmfs-inspect); unmount it first"))
         # ... and the mounted file system is intact
         assert os.path.getsize(image) == 16 << 20
         check_filled(mnt)

@@ -25,7 +25,7 @@ from pmfs.cli import run
 from pmfs.fs import FileSystem, MountOptions
 from pmfs.layout import (BITMAP_BYTES, BLOCK_SIZE, I_ORPHAN, ROOT_INO, WAL_REC,
                          compute_geometry, encode_wal_record)
-from pmfs.pmem import MemoryImage
+from pmfs.pmem import ImageBusy, MemoryImage, open_image
 from pmfs.superblock import SuperblockManager
 
 BS = BLOCK_SIZE
@@ -640,10 +640,63 @@ def test_large_image_snapshots_only_metadata(capsys, pop_image, monkeypatch):
     path, ino, _data = pop_image
     rc, full, _ = inspect_json(capsys, path, "ls", "/dir/sub")
     monkeypatch.setattr(inspector, "FULL_SNAPSHOT_MAX", 0)
-    rc, part, err = inspect_json(capsys, path, "ls", "/dir/sub")
+    # as if mounted: the daemon's exclusive lock means a snapshot is needed
+    holder = open_image(path, readonly=True, lock="exclusive")
+    try:
+        rc, part, err = inspect_json(capsys, path, "ls", "/dir/sub")
+    finally:
+        holder.close()
     assert rc == 0, err
     assert any("read in place" in n for n in part["notes"])
     assert part["entries"] == full["entries"]
+
+
+def test_unmounted_image_is_read_in_place_under_a_shared_lock(pop_image):
+    path, _ino, _data = pop_image
+    insp = inspector.Inspection(path)
+    try:
+        insp.open()
+        assert insp.quiet and insp.img.snap_end == 0  # nothing copied
+        assert insp.vol.resolve("/dir/sub") > 0
+        # a mount (exclusive lock) cannot start while it is being inspected
+        with pytest.raises(ImageBusy):
+            open_image(path, lock="exclusive")
+    finally:
+        insp.close()
+    open_image(path, lock="exclusive").close()
+    # mounted (locked): a snapshot, the metadata regions copied
+    holder = open_image(path, readonly=True, lock="exclusive")
+    insp = inspector.Inspection(path)
+    try:
+        insp.open()
+        assert not insp.quiet and insp.img.snap_end > 0
+        assert insp.vol.resolve("/dir/sub") > 0
+    finally:
+        insp.close()
+        holder.close()
+
+
+def test_snapshot_of_a_sparse_region_allocates_only_its_data(shm_dir):
+    """The copy of a mostly empty 64 MiB region costs memory for its data
+    pages only (the inode table of a large image is mostly holes)."""
+    path = os.path.join(shm_dir, "sparse.img")
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(5 << 20)
+        f.write(b"x" * 4096)
+    img = open_image(path, readonly=True)
+    try:
+        def rss_kib():
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        before = rss_kib()
+        copy = img.read_copy(0, 64 << 20)
+        grown = rss_kib() - before
+        assert bytes(copy[5 << 20:(5 << 20) + 4096]) == b"x" * 4096
+        assert copy[:4096] == bytes(4096) and copy[-4096:] == bytes(4096)
+        assert grown < 16 << 10, f"copying 64 MiB with 4 KiB of data grew RSS by {grown} KiB"
+    finally:
+        img.close()
 
 
 def test_console_script_and_broken_pipe(shm_dir):
