@@ -1332,8 +1332,7 @@ class FileSystem:
             inode.mtime = inode.ctime = now
             self.lazy[ino] = inode
             if self.opts.sync:
-                self._flush_lazy_one(ino)
-                self.img.fence()
+                self.fsync(ino)
         return n
 
     def _copy_in(self, off: int, data, segs) -> None:
@@ -1469,10 +1468,13 @@ class FileSystem:
 
         Size and block changes are transactions already, so what may be
         pending is only time stamps: fdatasync leaves them (POSIX allows
-        it) and costs one fence."""
+        it) and costs one fence.  A transaction ends with a fence, which
+        makes every earlier flush durable too: no second one after it."""
+        commits = self.wal.commits
         if not datasync and ino in self.lazy:
             self._flush_lazy_one(ino)
-        self.img.fence()
+        if self.wal.commits == commits:
+            self.img.fence()
 
     def _flush_lazy_one(self, ino: int) -> None:
         inode = self.lazy.pop(ino, None)
