@@ -272,7 +272,10 @@ class Operations(pyfuse3.Operations):
     # -- extended attributes ----------------------------------------------------------
     @_handler
     def getxattr(self, inode, name, ctx):
-        return self.fs.getxattr(inode, name)
+        v = self.fs.find_xattr(inode, name)
+        if v is None:
+            raise FUSEError(errno.ENODATA)
+        return v
 
     @_handler
     def setxattr(self, inode, name, value, ctx):
