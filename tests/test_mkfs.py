@@ -354,3 +354,47 @@ def test_unknown_option_and_help(tmp_path):
     assert "usage: mkfs.pmfs" in r.out and "-F" in r.out and "IMAGE" in r.out
     r = mkfs("-V")
     assert r.rc == 0 and "mkfs.pmfs" in r.out
+
+
+def test_prefault_writes_the_whole_image(shm_dir):
+    """--prefault leaves no page of the image unwritten (on tmpfs a page that
+    is only reserved reads as a hole to SEEK_HOLE; a written one is data)."""
+    size = 64 * M
+    plain = os.path.join(shm_dir, "plain.img")
+    pre = os.path.join(shm_dir, "pre.img")
+    assert mkfs("-q", plain, "64M").rc == EXIT_OK
+    assert mkfs("-q", "--prefault", pre, "64M").rc == EXIT_OK
+    for path in (plain, pre):
+        assert os.stat(path).st_size == size
+        assert os.stat(path).st_blocks * 512 >= size  # both reserved
+        sb, pending, _ = superblock(path)
+        assert sb.clean and pending == 0
+    with open(plain, "rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) < size  # reserved, unwritten
+    with open(pre, "rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == size  # every page written
+        # the unused end of the data area reads as zeros
+        f.seek(size - M)
+        assert f.read(M) == bytes(M)
+    # an existing image is emptied and written again
+    assert mkfs("-q", "-F", "--prefault", plain).rc == EXIT_OK
+    with open(plain, "rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == size
+    # a prefaulted image is a file system like any other
+    img = open_image(pre)
+    try:
+        fs = FileSystem(img)
+        ino = fs.create(ROOT_INO, b"f", stat.S_IFREG | 0o644).ino
+        fs.write(ino, 0, b"x" * 10000)
+        assert fs.read(ino, 0, 10000) == b"x" * 10000
+        fs.close()
+    finally:
+        img.close()
+
+
+def test_prefault_usage_errors(tmp_path):
+    r = mkfs("--prefault", "--sparse", tmp_path / "x.img", "16M")
+    assert r.rc == EXIT_USAGE and "mutually exclusive" in r.one_line_error()
+    assert not (tmp_path / "x.img").exists()
+    r = mkfs("--prefault", "/dev/null")
+    assert r.rc == EXIT_USAGE and "image files, not devices" in r.one_line_error()

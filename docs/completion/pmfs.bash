@@ -13,7 +13,7 @@ _pmfs_mkfs() {
     COMPREPLY=()
     case $prev in -L|-U|-b|-N|-J) return 0 ;; esac
     if [[ $cur == -* ]]; then
-        COMPREPLY=($(compgen -W "-h --help -L -U -b -N -J -F -q -n --sparse --debug -V --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "-h --help -L -U -b -N -J -F -q -n --sparse --prefault --debug -V --version" -- "$cur"))
         return 0
     fi
     _pmfs_files "$cur"

@@ -54,6 +54,9 @@ def parse_args(argv):
                    help="extra -o options for mount.pmfs (default: none)")
     p.add_argument("--no-pmem-force", dest="pmem_force", action="store_false",
                    help="do not set PMEM_IS_PMEM_FORCE=1 for pmfs (msync backend on tmpfs)")
+    p.add_argument("--no-prefault", dest="prefault", action="store_false",
+                   help="format the pmfs image without mkfs.pmfs --prefault (its memory "
+                        "is then only reserved, and every block faults in on first use)")
     p.add_argument("--keep-failed", action="store_true",
                    help="keep the pmfs image and logs when the daemon reported a problem")
     p.add_argument("--profile", metavar="DIR",
@@ -137,6 +140,7 @@ class Opts:
         self.image_size = params.image_size
         self.pmfs_options = a.pmfs_options
         self.pmem_force = a.pmem_force
+        self.prefault = a.prefault
         self.keep_failed = a.keep_failed
 
 

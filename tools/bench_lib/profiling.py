@@ -173,8 +173,9 @@ class _Core:
         from pmfs.fuseops import Operations
         from pmfs.pmem import open_image
         self.image = os.path.join(workdir, "core.img")
+        prefault = ["--prefault"] if opts.prefault else []
         r = subprocess.run([sys.executable, "-c", "import mkfs; mkfs.main()", "-q", "-F",
-                            self.image, str(params.image_size)], capture_output=True,
+                            *prefault, self.image, str(params.image_size)], capture_output=True,
                            text=True, env=dict(os.environ, PYTHONPATH=REPO))
         if r.returncode != 0:
             raise BenchError(f"mkfs.pmfs failed: {r.stderr.strip()}")

@@ -315,7 +315,8 @@ class Pmfs(System):
         for f in (self.log, self.pmfs_log):
             if os.path.exists(f):
                 os.unlink(f)
-        r = subprocess.run([sys.executable, "-c", "import mkfs; mkfs.main()", "-q",
+        prefault = ["--prefault"] if self.opts.prefault else []
+        r = subprocess.run([sys.executable, "-c", "import mkfs; mkfs.main()", "-q", *prefault,
                             self.image, str(self.opts.image_size)], capture_output=True,
                            text=True, env=self._env(), cwd=self.workdir)
         if r.returncode != 0:
@@ -366,8 +367,9 @@ class Pmfs(System):
         env = "PMEM_IS_PMEM_FORCE=1, " if self.opts.pmem_force else ""
         extra = f"-o {self.opts.pmfs_options}" if self.opts.pmfs_options else \
             "default mount options"
-        return (f"pmfs {self.version}, {self.opts.image_size >> 20} MiB image on /dev/shm, "
-                f"{env}{self.backend} backend, {extra}")
+        made = "mkfs.pmfs --prefault" if self.opts.prefault else "mkfs.pmfs"
+        return (f"pmfs {self.version}, {self.opts.image_size >> 20} MiB image on /dev/shm "
+                f"({made}), {env}{self.backend} backend, {extra}")
 
     def info(self) -> dict:
         d = super().info()
