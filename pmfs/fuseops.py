@@ -49,33 +49,39 @@ def _fmt(args) -> str:
     return "(" + ", ".join(out) + ")"
 
 
+def _serve(self, name: str, fn, args):
+    """Run one handler body: OSError becomes FUSEError, any other exception
+    is logged and answered EIO (only FUSEError may leave a handler)."""
+    self.requests += 1
+    try:
+        res = fn(self, *args)
+    except FUSEError as e:
+        if self.debug:
+            log.debug("%s%s -> %s", name, _fmt(args), os.strerror(e.errno))
+        raise
+    except OSError as e:
+        code = e.errno or errno.EIO
+        if code == errno.EIO:
+            self.errors += 1
+        if self.debug:
+            log.debug("%s%s -> %s", name, _fmt(args), os.strerror(code))
+        raise FUSEError(code) from None
+    except Exception:
+        self.errors += 1
+        log.exception("internal error in %s%s (answered EIO)", name, _fmt(args))
+        raise FUSEError(errno.EIO) from None
+    if self.debug:
+        log.debug("%s%s -> ok", name, _fmt(args))
+    return res
+
+
 def _handler(fn):
     """Wrap a synchronous handler body into a pyfuse3 coroutine."""
     name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
-        self.requests += 1
-        try:
-            res = fn(self, *args)
-        except FUSEError as e:
-            if self.debug:
-                log.debug("%s%s -> %s", name, _fmt(args), os.strerror(e.errno))
-            raise
-        except OSError as e:
-            code = e.errno or errno.EIO
-            if code == errno.EIO:
-                self.errors += 1
-            if self.debug:
-                log.debug("%s%s -> %s", name, _fmt(args), os.strerror(code))
-            raise FUSEError(code) from None
-        except Exception:
-            self.errors += 1
-            log.exception("internal error in %s%s (answered EIO)", name, _fmt(args))
-            raise FUSEError(errno.EIO) from None
-        if self.debug:
-            log.debug("%s%s -> ok", name, _fmt(args))
-        return res
+        return _serve(self, name, fn, args)
     return wrapper
 
 
@@ -237,6 +243,18 @@ class Operations(pyfuse3.Operations):
     @_handler
     def fsync(self, fh, datasync):
         self.fs.fsync(fh, bool(datasync))
+
+    def fallocate_errno(self, inode, mode, off, length) -> int:
+        """FUSE_FALLOCATE, which pyfuse3 does not forward (pmfs/fuseext.py
+        calls this from libfuse): 0 or the errno to answer."""
+        try:
+            _serve(self, "fallocate", Operations._fallocate, (inode, mode, off, length))
+        except FUSEError as e:
+            return e.errno
+        return 0
+
+    def _fallocate(self, inode, mode, off, length):
+        self.fs.fallocate(inode, mode, off, length)
 
     # -- directories --------------------------------------------------------------
     @_handler

@@ -363,6 +363,7 @@ class Daemon:
         self.img = None
         self.fs = None
         self.ops = None
+        self.ext = None
         self.mounted = False
         #: messages for the user at mount time (also logged)
         self.warnings: list[str] = []
@@ -472,6 +473,10 @@ class Daemon:
         if said:
             log.warning("libfuse: %s", said)
         self.mounted = True
+        # FUSE_FALLOCATE, which pyfuse3 does not forward (pmfs/fuseext.py)
+        from .fuseext import Extension
+        self.ext = Extension(self.ops)
+        self.ext.install()
         log.info("mounted %s on %s", self.image, self.mountpoint)
 
     def _tune_readahead(self) -> None:

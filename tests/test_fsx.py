@@ -1,6 +1,6 @@
 """An fsx-like exerciser through a real mount: random sequences of write,
-read, truncate, mmap read, mmap write (msync), fsync and close/reopen on one
-file, checked against a model (a bytearray) after every operation, then
+read, truncate, fallocate (preallocate, keep size, punch hole), mmap read,
+mmap write (msync), fsync and close/reopen on one file, checked against a model (a bytearray) after every operation, then
 again after an unmount and a mount.  The file's page cache is dropped
 often (POSIX_FADV_DONTNEED): files are opened with keep_cache, so most
 reads would otherwise be answered by the kernel, not by the daemon.
@@ -13,6 +13,7 @@ the last operations.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import random
@@ -22,6 +23,9 @@ import pytest
 pytestmark = pytest.mark.fuse
 
 PAGE = mmap.PAGESIZE
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 class Fsx:
@@ -132,6 +136,24 @@ class Fsx:
             mm.close()
         self.model[off:off + n] = buf
 
+    def op_falloc(self):
+        """fallocate(2) like fsx: preallocate (mode 0, may extend the file),
+        keep-size (blocks only) or punch a hole (the range reads as zeros)."""
+        off = self.rng.randrange(self.maxlen)
+        n = min(self.rng.randrange(1, self.maxop + 1), self.maxlen - off)
+        mode = self.rng.choice((0, FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE))
+        self.log.append(("fallocate", mode, hex(off), hex(n), hex(len(self.model))))
+        if _libc.fallocate(self.fd, mode, off, n) != 0:
+            e = ctypes.get_errno()
+            self.fail(f"fallocate(mode {mode}): {os.strerror(e)}")
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            end = min(off + n, len(self.model))
+            if off < end:
+                self.model[off:end] = bytes(end - off)
+        elif not mode & FALLOC_FL_KEEP_SIZE:
+            self.grow_model(off + n)
+
     def op_fsync(self):
         self.log.append(("fsync",))
         os.fsync(self.fd)
@@ -148,7 +170,8 @@ class Fsx:
         self.fd = os.open(self.path, os.O_RDWR)
 
     OPS = (("op_write", 30), ("op_read", 20), ("op_mapread", 15), ("op_mapwrite", 15),
-           ("op_truncate", 12), ("op_fsync", 3), ("op_reopen", 5), ("op_dropcache", 25))
+           ("op_truncate", 12), ("op_falloc", 8), ("op_fsync", 3), ("op_reopen", 5),
+           ("op_dropcache", 25))
 
     def run(self, steps: int):
         names = [o for o, _w in self.OPS]

@@ -632,7 +632,7 @@ class Reuser:
                 self._pwrite(name, fd, _letters(rng, rng.randint(1, 100)), 0)
                 self._pwrite(name, fd, _letters(rng, rng.randint(1, 100)),
                              rng.randint(200, 70_000))
-            elif kind == 5:  # posix_fallocate (glibc emulates it with writes)
+            elif kind == 5:  # posix_fallocate (FUSE_FALLOCATE, pmfs/fuseext.py)
                 size = rng.randint(1, 200_000)
                 os.posix_fallocate(fd, 0, size)
                 m = self.model[name]

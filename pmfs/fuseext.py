@@ -1,0 +1,161 @@
+"""FUSE requests pyfuse3 does not forward: FALLOCATE.
+
+pyfuse3 (3.5) registers no `fallocate` handler with libfuse, so libfuse
+answers FUSE_FALLOCATE with ENOSYS and the kernel then fails every
+fallocate(2) on the mount with EOPNOTSUPP -- although the core implements
+it (preallocation, KEEP_SIZE, PUNCH_HOLE), atomically and durably.
+
+This module adds the handler after `pyfuse3.init()`: it finds the
+libfuse session pyfuse3 created, finds in it the copy of pyfuse3's
+operation table (`struct fuse_lowlevel_ops`, copied by
+fuse_session_new), and fills its empty `fallocate` slot with a ctypes
+callback.  libfuse then calls the callback from fuse_session_process_buf,
+in the daemon's one request loop, like every pyfuse3 handler.
+
+Nothing is guessed.  The session pointer and pyfuse3's own table come
+from the symbol table of pyfuse3's extension module (ELF `.symtab`,
+present because pip builds pyfuse3 from source); the table layout is the
+public one of libfuse 3's fuse_lowlevel.h, checked against the slots
+pyfuse3 is known to fill and to leave empty; the session's copy is found
+by comparing all of its bytes.  If any of it does not hold (a stripped
+or different pyfuse3, another libfuse ABI), `install` changes nothing
+and says why: fallocate(2) then stays EOPNOTSUPP, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import struct
+
+log = logging.getLogger(__name__)
+
+#: struct fuse_lowlevel_ops of libfuse 3 (fuse_lowlevel.h, FUSE_USE_VERSION
+#: 35+), one function pointer each, in order
+LL_OPS = ("init destroy lookup forget getattr setattr readlink mknod mkdir unlink rmdir "
+          "symlink rename link open read write flush release fsync opendir readdir "
+          "releasedir fsyncdir statfs setxattr getxattr listxattr removexattr access create "
+          "getlk setlk bmap ioctl poll write_buf retrieve_reply forget_multi flock "
+          "fallocate readdirplus copy_file_range lseek").split()
+#: the slots pyfuse3 3.x fills (src/pyfuse3/internal.pxi: init_fuse_ops)
+PYFUSE3_FILLS = set(("init lookup forget getattr setattr readlink mknod mkdir unlink rmdir "
+                     "symlink rename link open read write flush release fsync opendir "
+                     "readdirplus releasedir fsyncdir statfs setxattr getxattr listxattr "
+                     "removexattr access create forget_multi write_buf poll").split())
+_PTR = 8
+#: how far into struct fuse_session its `op` member may start (it is the
+#: eighth member in libfuse 3.14, at byte 48)
+_SCAN = 256
+
+# void (*fallocate)(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
+#                   off_t length, struct fuse_file_info *fi);
+FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
+
+
+class Unsupported(Exception):
+    """The handler cannot be installed here (the reason is the message)."""
+
+
+def elf_symbols(path: str, names: set[str]) -> dict[str, int]:
+    """st_value of the named symbols in the ELF64 little-endian file's .symtab."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise Unsupported(f"{path}: not a 64-bit little-endian ELF file")
+    e_shoff, = struct.unpack_from("<Q", data, 0x28)
+    e_shentsize, e_shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, e_shoff + i * e_shentsize)
+                for i in range(e_shnum)]
+    found: dict[str, int] = {}
+    for sh in sections:
+        if sh[1] != 2:  # SHT_SYMTAB
+            continue
+        off, size, link, entsize = sh[4], sh[5], sh[6], sh[9]
+        stroff = sections[link][4]
+        for p in range(off, off + size, entsize or 24):
+            st_name, _info, _other, _shndx, st_value, _size = struct.unpack_from(
+                "<IBBHQQ", data, p)
+            if not st_name:
+                continue
+            end = data.index(b"\0", stroff + st_name)
+            name = data[stroff + st_name:end].decode("ascii", "replace")
+            if name in names:
+                found[name] = st_value
+    missing = names - set(found)
+    if missing:
+        raise Unsupported(f"{path}: no symbol {', '.join(sorted(missing))} "
+                          f"(a stripped pyfuse3?)")
+    return found
+
+
+def _session_ops() -> int:
+    """The address of the `op` table inside pyfuse3's libfuse session."""
+    import pyfuse3
+    so = pyfuse3.__file__
+    want = {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_session", "__pyx_v_7pyfuse3_fuse_ops"}
+    syms = elf_symbols(so, want)
+    lib = ctypes.CDLL(so)
+    base = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - syms["PyInit_pyfuse3"]
+    session = ctypes.c_void_p.from_address(base + syms["__pyx_v_7pyfuse3_session"]).value
+    if not session:
+        raise Unsupported("pyfuse3 has no session (pyfuse3.init not called?)")
+    table = ctypes.string_at(base + syms["__pyx_v_7pyfuse3_fuse_ops"], len(LL_OPS) * _PTR)
+    slots = struct.unpack(f"<{len(LL_OPS)}Q", table)
+    filled = {name for name, v in zip(LL_OPS, slots) if v}
+    if filled != PYFUSE3_FILLS:
+        raise Unsupported("pyfuse3's operation table is not laid out as expected "
+                          f"(filled: {sorted(filled ^ PYFUSE3_FILLS)} differ)")
+    for start in range(0, _SCAN + 1, _PTR):
+        if ctypes.string_at(session + start, len(table)) == table:
+            return session + start
+    raise Unsupported("the libfuse session holds no copy of pyfuse3's operation table")
+
+
+class Extension:
+    """The handlers added to the session; keep it alive as long as the mount."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.libfuse = None
+        self._callbacks: list = []
+        self.installed: list[str] = []
+
+    def install(self) -> list[str]:
+        """Add the handlers; returns their names (empty, and logged, when
+        this pyfuse3/libfuse cannot take them)."""
+        try:
+            table = _session_ops()
+            name = ctypes.util.find_library("fuse3") or "libfuse3.so.3"
+            self.libfuse = ctypes.CDLL(name)
+            self.libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
+            self.libfuse.fuse_reply_err.restype = ctypes.c_int
+        except (Unsupported, OSError, AttributeError, ValueError) as e:
+            log.warning("fallocate(2) stays unsupported on this mount: %s", e)
+            return []
+        slot = ctypes.c_void_p.from_address(table + LL_OPS.index("fallocate") * _PTR)
+        if slot.value:
+            log.warning("fallocate(2): the session already has a handler; left alone")
+            return []
+        cb = FALLOCATE(self._fallocate)
+        self._callbacks.append(cb)
+        slot.value = ctypes.cast(cb, ctypes.c_void_p).value
+        self.installed.append("fallocate")
+        log.debug("FUSE_FALLOCATE handler installed")
+        return self.installed
+
+    def _fallocate(self, req, ino, mode, off, length, _fi) -> None:
+        # a ctypes callback must not raise: the request would never be
+        # answered and its caller would hang
+        try:
+            code = self.ops.fallocate_errno(ino, mode, off, length)
+        except BaseException:  # noqa: BLE001 - answered EIO, logged
+            log.exception("internal error in fallocate(%d, %d, %d, %d) (answered EIO)",
+                          ino, mode, off, length)
+            code = errno.EIO
+        try:
+            self.libfuse.fuse_reply_err(req, code)
+        except BaseException:  # noqa: BLE001
+            log.exception("could not answer a FALLOCATE request")
