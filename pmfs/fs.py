@@ -1498,6 +1498,41 @@ class FileSystem:
         self.img.fence()
 
     @_op
+    def seek(self, ino: int, off: int, whence: int) -> int:
+        """lseek(2) SEEK_DATA / SEEK_HOLE: the first offset >= `off` in data
+        (a mapped block) or in a hole (an unmapped block, or the implicit
+        hole at EOF).  ENXIO when `off` is not inside the file; a block
+        fallocate zeroed counts as data, as on ext4 after a write."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise _err(errno.EINVAL)
+        inode = self.iget(ino)
+        if not stat.S_ISREG(inode.mode):
+            raise _err(errno.EINVAL)
+        size = inode.size
+        if off < 0 or off >= size:
+            raise _err(errno.ENXIO)
+        if inode.flags & I_INLINE:
+            return off if whence == os.SEEK_DATA else size
+        t = self.tree(inode)
+        lb = off >> 12
+        last = (size - 1) >> 12
+        while lb <= last:
+            r = t.lookup(lb)
+            if r[0] is not None:           # lb is mapped: (start, length, image block)
+                if whence == os.SEEK_DATA:
+                    return max(off, lb << 12)
+                lb = r[0] + r[1]
+            else:                          # a hole of r[1] blocks (None: no extent follows)
+                if whence == os.SEEK_HOLE:
+                    return max(off, lb << 12)
+                if r[1] is None:
+                    break
+                lb += r[1]
+        if whence == os.SEEK_HOLE:
+            return size
+        raise _err(errno.ENXIO)
+
+    @_op
     def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
         inode = self.iget(ino)
         if off < 0 or length <= 0:

@@ -1,15 +1,17 @@
-"""FUSE requests pyfuse3 does not forward: FALLOCATE.
+"""FUSE requests pyfuse3 does not forward: FALLOCATE and LSEEK.
 
-pyfuse3 (3.5) registers no `fallocate` handler with libfuse, so libfuse
-answers FUSE_FALLOCATE with ENOSYS and the kernel then fails every
-fallocate(2) on the mount with EOPNOTSUPP -- although the core implements
-it (preallocation, KEEP_SIZE, PUNCH_HOLE), atomically and durably.
+pyfuse3 (3.5) registers no `fallocate` and no `lseek` handler with
+libfuse, so libfuse answers those requests with ENOSYS, and the kernel
+then fails every fallocate(2) on the mount with EOPNOTSUPP -- although
+the core implements it (preallocation, KEEP_SIZE, PUNCH_HOLE), atomically
+and durably -- and answers lseek(SEEK_DATA/SEEK_HOLE) as if files had no
+holes.
 
-This module adds the handler after `pyfuse3.init()`: it finds the
+This module adds the handlers after `pyfuse3.init()`: it finds the
 libfuse session pyfuse3 created, finds in it the copy of pyfuse3's
 operation table (`struct fuse_lowlevel_ops`, copied by
-fuse_session_new), and fills its empty `fallocate` slot with a ctypes
-callback.  libfuse then calls the callback from fuse_session_process_buf,
+fuse_session_new), and fills its empty `fallocate` and `lseek` slots with
+ctypes callbacks.  libfuse then calls them from fuse_session_process_buf,
 in the daemon's one request loop, like every pyfuse3 handler.
 
 Nothing is guessed.  The session pointer and pyfuse3's own table come
@@ -19,7 +21,8 @@ public one of libfuse 3's fuse_lowlevel.h, checked against the slots
 pyfuse3 is known to fill and to leave empty; the session's copy is found
 by comparing all of its bytes.  If any of it does not hold (a stripped
 or different pyfuse3, another libfuse ABI), `install` changes nothing
-and says why: fallocate(2) then stays EOPNOTSUPP, as before.
+and says why: fallocate(2) then answers EOPNOTSUPP, and lseek sees
+every file as data up to its end.
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ _SCAN = 256
 #                   off_t length, struct fuse_file_info *fi);
 FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                              ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
+
+
+# void (*lseek)(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+#               struct fuse_file_info *fi);
+LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int,
+                         ctypes.c_void_p)
 
 
 class Unsupported(Exception):
@@ -129,33 +138,58 @@ class Extension:
         try:
             table = _session_ops()
             name = ctypes.util.find_library("fuse3") or "libfuse3.so.3"
-            self.libfuse = ctypes.CDLL(name)
-            self.libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
-            self.libfuse.fuse_reply_err.restype = ctypes.c_int
+            lib = ctypes.CDLL(name)
+            lib.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
+            lib.fuse_reply_err.restype = ctypes.c_int
+            lib.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+            lib.fuse_reply_lseek.restype = ctypes.c_int
+            self.libfuse = lib
         except (Unsupported, OSError, AttributeError, ValueError) as e:
-            log.warning("fallocate(2) stays unsupported on this mount: %s", e)
+            log.warning("fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE) stay unsupported on "
+                        "this mount: %s", e)
             return []
-        slot = ctypes.c_void_p.from_address(table + LL_OPS.index("fallocate") * _PTR)
-        if slot.value:
-            log.warning("fallocate(2): the session already has a handler; left alone")
-            return []
-        cb = FALLOCATE(self._fallocate)
-        self._callbacks.append(cb)
-        slot.value = ctypes.cast(cb, ctypes.c_void_p).value
-        self.installed.append("fallocate")
-        log.debug("FUSE_FALLOCATE handler installed")
+        for op, proto, fn in (("fallocate", FALLOCATE, self._fallocate),
+                              ("lseek", LSEEK, self._lseek)):
+            slot = ctypes.c_void_p.from_address(table + LL_OPS.index(op) * _PTR)
+            if slot.value:
+                log.warning("%s: the session already has a handler; left alone", op)
+                continue
+            cb = proto(fn)
+            self._callbacks.append(cb)
+            slot.value = ctypes.cast(cb, ctypes.c_void_p).value
+            self.installed.append(op)
+        log.debug("handlers added to the FUSE session: %s", ", ".join(self.installed))
         return self.installed
 
+    # A ctypes callback must not raise: the request would never be answered
+    # and its caller would hang.  So every failure is answered EIO.
+
     def _fallocate(self, req, ino, mode, off, length, _fi) -> None:
-        # a ctypes callback must not raise: the request would never be
-        # answered and its caller would hang
         try:
             code = self.ops.fallocate_errno(ino, mode, off, length)
         except BaseException:  # noqa: BLE001 - answered EIO, logged
             log.exception("internal error in fallocate(%d, %d, %d, %d) (answered EIO)",
                           ino, mode, off, length)
             code = errno.EIO
+        self._reply_err(req, code)
+
+    def _lseek(self, req, ino, off, whence, _fi) -> None:
+        try:
+            code, pos = self.ops.lseek_result(ino, off, whence)
+        except BaseException:  # noqa: BLE001 - answered EIO, logged
+            log.exception("internal error in lseek(%d, %d, %d) (answered EIO)",
+                          ino, off, whence)
+            code, pos = errno.EIO, 0
+        if code:
+            self._reply_err(req, code)
+            return
+        try:
+            self.libfuse.fuse_reply_lseek(req, pos)
+        except BaseException:  # noqa: BLE001
+            log.exception("could not answer an LSEEK request")
+
+    def _reply_err(self, req, code: int) -> None:
         try:
             self.libfuse.fuse_reply_err(req, code)
         except BaseException:  # noqa: BLE001
-            log.exception("could not answer a FALLOCATE request")
+            log.exception("could not answer a request")

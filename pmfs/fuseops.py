@@ -256,6 +256,17 @@ class Operations(pyfuse3.Operations):
     def _fallocate(self, inode, mode, off, length):
         self.fs.fallocate(inode, mode, off, length)
 
+    def lseek_result(self, inode, off, whence) -> tuple[int, int]:
+        """FUSE_LSEEK (SEEK_DATA/SEEK_HOLE; pmfs/fuseext.py calls this from
+        libfuse): (0, offset) or (errno, 0)."""
+        try:
+            return 0, _serve(self, "lseek", Operations._lseek, (inode, off, whence))
+        except FUSEError as e:
+            return e.errno, 0
+
+    def _lseek(self, inode, off, whence):
+        return self.fs.seek(inode, off, whence)
+
     # -- directories --------------------------------------------------------------
     @_handler
     def opendir(self, inode, ctx):

@@ -389,3 +389,45 @@ def test_data_ops_on_special_files(memfs, kind):
     n = fs.mknod(ROOT, b"n", kind | 0o644, os.makedev(1, 1)).ino
     expect_errno(errno.EINVAL, fs.read, n, 0, 10)
     expect_errno(errno.EINVAL, fs.write, n, 0, b"x")
+
+
+def test_seek_data_and_hole(memfs):
+    """lseek(SEEK_DATA/SEEK_HOLE) semantics: the next data or hole offset
+    at or after `off`, the implicit hole at EOF, ENXIO outside the file;
+    blocks preallocated past EOF are not data of the file."""
+    fs = memfs
+    D, H = os.SEEK_DATA, os.SEEK_HOLE
+    M = 1 << 20
+    ino = mkfile(fs, ROOT, b"sparse", b"a" * BS)
+    fs.write(ino, M, b"b" * 10)
+    fs.setattr(ino, size=3 * M)
+    fs.fallocate(ino, 0x01, 4 * M, M)  # KEEP_SIZE: blocks past EOF
+    assert fs.seek(ino, 0, D) == 0 and fs.seek(ino, 100, D) == 100
+    assert fs.seek(ino, 0, H) == BS and fs.seek(ino, BS - 1, H) == BS
+    assert fs.seek(ino, BS, D) == M and fs.seek(ino, 5000, D) == M
+    assert fs.seek(ino, M + 5, D) == M + 5
+    assert fs.seek(ino, M, H) == M + BS
+    assert fs.seek(ino, 2 * M, H) == 2 * M
+    expect_errno(errno.ENXIO, fs.seek, ino, M + BS, D)   # only holes up to EOF
+    assert fs.seek(ino, 3 * M - 1, H) == 3 * M - 1
+    for off in (3 * M, 5 * M, -1):
+        expect_errno(errno.ENXIO, fs.seek, ino, off, D)
+        expect_errno(errno.ENXIO, fs.seek, ino, off, H)
+    expect_errno(errno.EINVAL, fs.seek, ino, 0, os.SEEK_SET)
+    # no hole but the one at EOF, across several extents
+    full = mkfile(fs, ROOT, b"full", _pattern(20 * BS + 7))
+    for i in range(0, 20, 2):  # rewrite: still one mapping, maybe many extents
+        fs.write(full, i * BS, b"x")
+    assert fs.seek(full, 0, H) == 20 * BS + 7 and fs.seek(full, 9 * BS, D) == 9 * BS
+    # every other block mapped: the walk alternates
+    alt = fs.create(ROOT, b"alt", 0o644).ino
+    for i in range(0, 40, 2):
+        fs.write(alt, i * BS, b"y" * BS)
+    assert fs.seek(alt, 0, H) == BS and fs.seek(alt, BS, D) == 2 * BS
+    assert fs.seek(alt, 38 * BS, H) == 39 * BS  # the last block is data: EOF
+    # a small (inline) file is all data; an empty one has nothing
+    small = mkfile(fs, ROOT, b"small", b"tiny")
+    assert fs.seek(small, 0, D) == 0 and fs.seek(small, 1, H) == 4
+    empty = mkfile(fs, ROOT, b"empty")
+    expect_errno(errno.ENXIO, fs.seek, empty, 0, D)
+    expect_errno(errno.EINVAL, fs.seek, ROOT, 0, D)

@@ -74,7 +74,7 @@ def test_install_without_a_session_changes_nothing(caplog):
     """Outside a mount (no pyfuse3 session) install() says why and adds nothing."""
     with caplog.at_level(logging.WARNING, logger="pmfs.fuseext"):
         assert Extension(object()).install() == []
-    assert "fallocate(2) stays unsupported" in caplog.text
+    assert "fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE) stay unsupported" in caplog.text
     assert "no session" in caplog.text
 
 
@@ -200,3 +200,35 @@ def test_fallocate_is_durable_and_fsck_clean(shm_dir):
         assert os.stat(os.path.join(m.path, "f")).st_blocks == blocks
     finally:
         m.unmount()
+
+
+@pytest.mark.fuse
+def test_seek_data_and_hole_through_the_mount_like_tmpfs(pmfs_mount, shm_dir):
+    """lseek(SEEK_DATA/SEEK_HOLE) through the mount (FUSE_LSEEK) finds the
+    holes tmpfs finds for the same writes (both map 4 KiB units)."""
+    M = 1 << 20
+    ref = os.path.join(shm_dir, "tmpfs-ref")
+    os.mkdir(ref)
+    offsets = [0, 1, 4095, 4096, 5000, M - 1, M, M + 4095, M + 4096, 2 * M, 3 * M - 1,
+               3 * M, 4 * M]
+    results = {}
+    for where, root in (("tmpfs", ref), ("pmfs", pmfs_mount.path)):
+        p = os.path.join(root, "sparse")
+        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, b"a" * 4096, 0)
+            os.pwrite(fd, b"b" * 10, M)
+            os.pwrite(fd, b"c" * 8192, 2 * M + 8192)
+            os.ftruncate(fd, 3 * M)
+            out = []
+            for off in offsets:
+                for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                    try:
+                        out.append(os.lseek(fd, off, whence))
+                    except OSError as e:
+                        out.append(errno.errorcode[e.errno])
+            results[where] = out
+        finally:
+            os.close(fd)
+    assert results["pmfs"] == results["tmpfs"], results
+    assert results["pmfs"][:4] == [0, 4096, 1, 4096]  # a hole after the first block
