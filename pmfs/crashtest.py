@@ -145,7 +145,7 @@ OPSPEC = {
     "deferunlink": "p", "reclaim": "",
 }
 RENAME_FLAGS = {"0": 0, "noreplace": 1, "exchange": 2}
-FALLOC_MODES = {"0": 0, "keep": 1, "punch": 3}
+FALLOC_MODES = {"0": 0, "keep": 1, "punch": 3, "zero": 0x10, "zerokeep": 0x11}
 #: operations that are not synchronous (the data of a plain write)
 DATA_OPS = ("write",)
 
@@ -778,6 +778,15 @@ class Model:
                 self.nodes[nid] = replace(node, data=post)
                 # the partial blocks at the edges are zeroed in place (data)
                 # before the transaction: in flight, byte by byte either
+                mid = pre.copy()
+                mid.nodes[nid] = replace(node, data=fd.union(post))
+                return 0, [mid]
+            if mode & 0x10:
+                # zero range: the mapped part zeroed in place (data, byte by
+                # byte either in flight), then the transaction (blocks, size)
+                zeroed = fd.punch(off, off + length)
+                post = zeroed if mode & 1 else zeroed.extend(off + length)
+                self.nodes[nid] = replace(node, data=post)
                 mid = pre.copy()
                 mid.nodes[nid] = replace(node, data=fd.union(post))
                 return 0, [mid]
@@ -1939,6 +1948,8 @@ def candidate_ops(model: Model, tag: int = 1) -> list[Op]:
         ops.append(O("falloc", (p, 1, 8192, 8192)))
         if size > 1500:
             ops.append(O("falloc", (p, 3, 1000, 5000)))
+            ops.append(O("falloc", (p, 0x10, 1000, size + 3000)))    # zero range, grows
+            ops.append(O("falloc", (p, 0x11, 500, 5000)))            # zero range, keep size
     for p, v in (("A/foo", "v1"), ("A/bar", "x"), ("A/C", "dv")):
         ops.append(O("setxattr", (p, "user.k", v)))
     ops.append(O("removexattr", ("A/foo", "user.k")))

@@ -56,6 +56,7 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 _DAY_NS = 86400 * 10**9
@@ -1541,7 +1542,8 @@ class FileSystem:
             raise _err(errno.EISDIR)
         if not stat.S_ISREG(inode.mode):
             raise _err(errno.ENODEV)
-        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) or (
+                mode & FALLOC_FL_PUNCH_HOLE and mode & FALLOC_FL_ZERO_RANGE):
             raise _err(errno.EOPNOTSUPP)
         end = off + length
         if end > MAX_FILE_SIZE:
@@ -1561,6 +1563,15 @@ class FileSystem:
         if need > self.balloc.free:
             raise NoSpace()
         now = time.time_ns()
+        if mode & FALLOC_FL_ZERO_RANGE:
+            # the mapped blocks of the range are zeroed in place: a data
+            # change like a write of zeros (flushed here, fenced by the
+            # transaction below); the holes get zeroed blocks like mode 0
+            for s, k, p in segs:
+                if p:
+                    a = max(off, s * BLOCK_SIZE)
+                    b = min(end, (s + k) * BLOCK_SIZE)
+                    self.img.zero(p * BLOCK_SIZE + (a - s * BLOCK_SIZE), b - a, drain=False)
         chunks = list(self._chunks(segs)) or [[]]
         # one transaction per HOLES_PER_TX holes; the size changes with the
         # last one (a crash part-way leaves zeroed blocks past EOF, which
@@ -1590,6 +1601,8 @@ class FileSystem:
                     self._zero_tail(inode, inode.size, end)
                     inode.size = end
                     inode.mtime = now
+                if mode & FALLOC_FL_ZERO_RANGE:
+                    inode.mtime = now  # the data changed
                 inode.ctime = now
 
     def _punch(self, inode: Inode, off: int, end: int) -> None:

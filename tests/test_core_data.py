@@ -302,7 +302,8 @@ def test_fallocate_modes_refused(memfs):
     fs = memfs
     f = mkfile(fs, ROOT, b"f", b"abc")
     expect_errno(errno.EOPNOTSUPP, fs.fallocate, f, 2, 0, 10)  # PUNCH_HOLE alone
-    for mode in (0x04, 0x08, 0x10, 0x20, 0x40, 0x05, 0x0B):
+    # collapse/insert range, unshare, and punch hole with zero range
+    for mode in (0x04, 0x08, 0x20, 0x40, 0x05, 0x0B, 0x12, 0x13):
         expect_errno(errno.EOPNOTSUPP, fs.fallocate, f, mode, 0, 10)
     expect_errno(errno.EINVAL, fs.fallocate, f, 0, 0, 0)
     expect_errno(errno.EINVAL, fs.fallocate, f, 0, -1, 10)
@@ -431,3 +432,31 @@ def test_seek_data_and_hole(memfs):
     empty = mkfile(fs, ROOT, b"empty")
     expect_errno(errno.ENXIO, fs.seek, empty, 0, D)
     expect_errno(errno.EINVAL, fs.seek, ROOT, 0, D)
+
+
+def test_fallocate_zero_range(memfs):
+    """FALLOC_FL_ZERO_RANGE: the range reads as zeros and is allocated;
+    the size grows unless KEEP_SIZE; mtime and ctime change; ENOSPC
+    changes nothing (not even the data)."""
+    fs = memfs
+    f = mkfile(fs, ROOT, b"f", _pattern(10 * BS + 100))
+    model = bytearray(_pattern(10 * BS + 100))
+    fs.fallocate(f, 0x01 | 0x02, 3 * BS, 2 * BS)     # a hole to fill again
+    model[3 * BS:5 * BS] = bytes(2 * BS)
+    t0 = fs.getattr(f).mtime
+    fs.fallocate(f, 0x10, 100, 6 * BS)               # partial blocks, a hole, mapped blocks
+    model[100:100 + 6 * BS] = bytes(6 * BS)
+    a = fs.getattr(f)
+    assert read_all(fs, f) == bytes(model) and a.size == len(model)
+    assert a.blocks == 11 and a.mtime > t0 and a.ctime == a.mtime
+    fs.fallocate(f, 0x10 | 0x01, 10 * BS, 4 * BS)    # the tail and past EOF, keep size
+    model[10 * BS:] = bytes(len(model) - 10 * BS)
+    assert fs.getattr(f).size == len(model) and fs.getattr(f).blocks == 14
+    assert read_all(fs, f) == bytes(model)
+    fs.fallocate(f, 0x10, 12 * BS, 100)              # grows the file
+    model.extend(bytes(12 * BS + 100 - len(model)))
+    assert read_all(fs, f) == bytes(model)
+    b0, _ = free_counts(fs)
+    expect_errno(errno.ENOSPC, fs.fallocate, f, 0x10, 0, (b0 + 100) * BS)
+    assert read_all(fs, f) == bytes(model) and free_counts(fs)[0] == b0
+    fs.close()

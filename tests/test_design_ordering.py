@@ -144,6 +144,8 @@ SCENARIOS = {
                            lambda fs, f: fs.fallocate(f, 0, 0, 36 * BLOCK_SIZE)),
     "punch-hole": (False, lambda fs: _file(fs, data=b"x" * 20000),
                    lambda fs, f: fs.fallocate(f, 3, 100, 12000)),
+    "zero-range": (False, lambda fs: _file(fs, data=b"x" * 20000),
+                   lambda fs, f: fs.fallocate(f, 0x10, 100, 30000)),
     "write-new-blocks": (False, _file, lambda fs, f: fs.write(f, 8192, b"z" * 5000)),
     "write-extend": (False, _file, lambda fs, f: fs.write(f, 100, b"e" * 100)),
     "write-overwrite": (False, _file, lambda fs, f: fs.write(f, 0, b"o" * 50)),

@@ -1,5 +1,5 @@
 """An fsx-like exerciser through a real mount: random sequences of write,
-read, truncate, fallocate (preallocate, keep size, punch hole), mmap read,
+read, truncate, fallocate (preallocate, keep size, punch hole, zero range), mmap read,
 mmap write (msync), fsync and close/reopen on one file, checked against a model (a bytearray) after every operation, then
 again after an unmount and a mount.  The file's page cache is dropped
 often (POSIX_FADV_DONTNEED): files are opened with keep_cache, so most
@@ -23,7 +23,7 @@ import pytest
 pytestmark = pytest.mark.fuse
 
 PAGE = mmap.PAGESIZE
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
@@ -142,17 +142,18 @@ class Fsx:
         off = self.rng.randrange(self.maxlen)
         n = min(self.rng.randrange(1, self.maxop + 1), self.maxlen - off)
         mode = self.rng.choice((0, FALLOC_FL_KEEP_SIZE,
-                                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE))
+                                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE))
         self.log.append(("fallocate", mode, hex(off), hex(n), hex(len(self.model))))
         if _libc.fallocate(self.fd, mode, off, n) != 0:
             e = ctypes.get_errno()
             self.fail(f"fallocate(mode {mode}): {os.strerror(e)}")
-        if mode & FALLOC_FL_PUNCH_HOLE:
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            self.grow_model(off + n)
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             end = min(off + n, len(self.model))
             if off < end:
                 self.model[off:end] = bytes(end - off)
-        elif not mode & FALLOC_FL_KEEP_SIZE:
-            self.grow_model(off + n)
 
     def op_fsync(self):
         self.log.append(("fsync",))

@@ -117,9 +117,13 @@ def test_fallocate_errors_through_the_mount(pmfs_mount):
     try:
         assert fallocate(fd, 0, 0, 1 << 20) == 0
         assert os.fstat(fd).st_size == 1 << 20
-        # modes pmfs (like tmpfs) does not have
-        assert fallocate(fd, FALLOC_FL_ZERO_RANGE, 0, 4096) == errno.EOPNOTSUPP
+        # zero range through the mount; modes FUSE or pmfs do not have
+        os.pwrite(fd, b"z" * 10000, 0)
+        assert fallocate(fd, FALLOC_FL_ZERO_RANGE, 100, 5000) == 0
+        assert os.pread(fd, 10000, 0) == b"z" * 100 + bytes(5000) + b"z" * 4900
         assert fallocate(fd, FALLOC_FL_PUNCH_HOLE, 0, 4096) == errno.EOPNOTSUPP  # no KEEP_SIZE
+        for mode in (0x08, 0x20, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | 1):
+            assert fallocate(fd, mode, 0, 4096) in (errno.EOPNOTSUPP, errno.EINVAL), mode
         # more than the file system holds: ENOSPC, nothing changed
         st = os.statvfs(pmfs_mount.path)
         assert fallocate(fd, 0, 0, (st.f_blocks + 10) * st.f_frsize) == errno.ENOSPC
