@@ -42,11 +42,13 @@ LL_OPS = ("init destroy lookup forget getattr setattr readlink mknod mkdir unlin
           "releasedir fsyncdir statfs setxattr getxattr listxattr removexattr access create "
           "getlk setlk bmap ioctl poll write_buf retrieve_reply forget_multi flock "
           "fallocate readdirplus copy_file_range lseek").split()
-#: the slots pyfuse3 3.x fills (src/pyfuse3/internal.pxi: init_fuse_ops)
+#: the slots pyfuse3 3.5 fills (src/pyfuse3/internal.pxi: init_fuse_ops);
+#: 3.3 and 3.4 fill the same but `poll`
 PYFUSE3_FILLS = set(("init lookup forget getattr setattr readlink mknod mkdir unlink rmdir "
                      "symlink rename link open read write flush release fsync opendir "
                      "readdirplus releasedir fsyncdir statfs setxattr getxattr listxattr "
                      "removexattr access create forget_multi write_buf poll").split())
+KNOWN_FILLS = (PYFUSE3_FILLS, PYFUSE3_FILLS - {"poll"})
 _PTR = 8
 #: how far into struct fuse_session its `op` member may start (it is the
 #: eighth member in libfuse 3.14, at byte 48)
@@ -114,7 +116,7 @@ def _session_ops() -> int:
     table = ctypes.string_at(base + syms["__pyx_v_7pyfuse3_fuse_ops"], len(LL_OPS) * _PTR)
     slots = struct.unpack(f"<{len(LL_OPS)}Q", table)
     filled = {name for name, v in zip(LL_OPS, slots) if v}
-    if filled != PYFUSE3_FILLS:
+    if filled not in KNOWN_FILLS:
         raise Unsupported("pyfuse3's operation table is not laid out as expected "
                           f"(filled: {sorted(filled ^ PYFUSE3_FILLS)} differ)")
     for start in range(0, _SCAN + 1, _PTR):

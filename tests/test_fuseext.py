@@ -79,7 +79,7 @@ def test_install_without_a_session_changes_nothing(caplog):
 
 
 def test_install_with_an_unexpected_layout_changes_nothing(monkeypatch, caplog):
-    monkeypatch.setattr(fuseext, "PYFUSE3_FILLS", PYFUSE3_FILLS | {"fallocate"})
+    monkeypatch.setattr(fuseext, "KNOWN_FILLS", (PYFUSE3_FILLS | {"fallocate"},))
     monkeypatch.setattr(fuseext.ctypes.c_void_p, "from_address",
                         lambda addr: ctypes.c_void_p(1))  # a session "exists"
     with caplog.at_level(logging.WARNING, logger="pmfs.fuseext"):
