@@ -1,4 +1,5 @@
-"""FUSE requests pyfuse3 does not forward: FALLOCATE and LSEEK.
+"""FUSE requests pyfuse3 does not forward: FALLOCATE and LSEEK; and one
+capability it does not ask for: CACHE_SYMLINKS.
 
 pyfuse3 (3.5) registers no `fallocate` and no `lseek` handler with
 libfuse, so libfuse answers those requests with ENOSYS, and the kernel
@@ -12,7 +13,10 @@ libfuse session pyfuse3 created, finds in it the copy of pyfuse3's
 operation table (`struct fuse_lowlevel_ops`, copied by
 fuse_session_new), and fills its empty `fallocate` and `lseek` slots with
 ctypes callbacks.  libfuse then calls them from fuse_session_process_buf,
-in the daemon's one request loop, like every pyfuse3 handler.
+in the daemon's one request loop, like every pyfuse3 handler.  The `init`
+slot gets a wrapper that runs pyfuse3's handler and then also asks for
+FUSE_CAP_CACHE_SYMLINKS: the kernel keeps symlink targets in its page
+cache instead of sending READLINK for every resolution.
 
 Nothing is guessed.  The session pointer and pyfuse3's own table come
 from the symbol table of pyfuse3's extension module (ELF `.symtab`,
@@ -59,6 +63,16 @@ _SCAN = 256
 FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                              ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
 
+
+# void (*init)(void *userdata, struct fuse_conn_info *conn): ours, and
+# pyfuse3's, called without releasing the GIL (it runs Python code)
+INIT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+PYFUSE3_INIT = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+#: struct fuse_conn_info (fuse_common.h): byte offsets of `capable`, `want`
+CONN_CAPABLE, CONN_WANT = 20, 24
+#: symlink targets may be cached in the kernel's page cache: a pmfs
+#: symlink's target never changes (only a new inode can take the name)
+FUSE_CAP_CACHE_SYMLINKS = 1 << 23
 
 # void (*lseek)(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 #               struct fuse_file_info *fi);
@@ -133,6 +147,8 @@ class Extension:
         self.libfuse = None
         self._callbacks: list = []
         self.installed: list[str] = []
+        #: capabilities asked for at FUSE_INIT beyond pyfuse3's
+        self.capabilities: list[str] = []
 
     def install(self) -> list[str]:
         """Add the handlers; returns their names (empty, and logged, when
@@ -150,6 +166,12 @@ class Extension:
             log.warning("fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE) stay unsupported on "
                         "this mount: %s", e)
             return []
+        init = ctypes.c_void_p.from_address(table + LL_OPS.index("init") * _PTR)
+        self._pyfuse3_init = PYFUSE3_INIT(init.value)
+        cb = INIT(self._init)
+        self._callbacks.append(cb)
+        init.value = ctypes.cast(cb, ctypes.c_void_p).value
+        self.installed.append("init")
         for op, proto, fn in (("fallocate", FALLOCATE, self._fallocate),
                               ("lseek", LSEEK, self._lseek)):
             slot = ctypes.c_void_p.from_address(table + LL_OPS.index(op) * _PTR)
@@ -165,6 +187,22 @@ class Extension:
 
     # A ctypes callback must not raise: the request would never be answered
     # and its caller would hang.  So every failure is answered EIO.
+
+    def _init(self, userdata, conn) -> None:
+        """FUSE_INIT: pyfuse3's own handler, then the capabilities pmfs
+        wants beyond pyfuse3's (libfuse turns `want` into the reply)."""
+        try:
+            self._pyfuse3_init(userdata, conn)
+        except BaseException:  # noqa: BLE001
+            log.exception("pyfuse3's init handler failed")
+        try:
+            capable = ctypes.c_uint.from_address(conn + CONN_CAPABLE).value
+            want = ctypes.c_uint.from_address(conn + CONN_WANT)
+            if capable & FUSE_CAP_CACHE_SYMLINKS:
+                want.value |= FUSE_CAP_CACHE_SYMLINKS
+                self.capabilities.append("cache_symlinks")
+        except BaseException:  # noqa: BLE001
+            log.exception("could not add FUSE capabilities")
 
     def _fallocate(self, req, ino, mode, off, length, _fi) -> None:
         try:

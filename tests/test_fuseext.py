@@ -236,3 +236,28 @@ def test_seek_data_and_hole_through_the_mount_like_tmpfs(pmfs_mount, shm_dir):
             os.close(fd)
     assert results["pmfs"] == results["tmpfs"], results
     assert results["pmfs"][:4] == [0, 4096, 1, 4096]  # a hole after the first block
+
+
+@pytest.mark.fuse
+def test_symlink_targets_are_cached_by_the_kernel(shm_dir):
+    """FUSE_CAP_CACHE_SYMLINKS (asked for at FUSE_INIT by fuseext's init
+    wrapper): the second readlink of a symlink does not reach the daemon;
+    a new symlink under the same name is seen at once."""
+    image = os.path.join(shm_dir, "s.img")
+    mkfs(image, "32M")
+    m = PmfsMount(image, os.path.join(shm_dir, "mnt"), options="debug").mount()
+    try:
+        p = os.path.join(m.path, "link")
+        os.symlink("target-one", p)
+        assert os.readlink(p) == "target-one"
+        assert os.readlink(p) == "target-one"
+        assert os.readlink(p) == "target-one"
+        os.unlink(p)
+        os.symlink("target-two", p)
+        assert os.readlink(p) == "target-two"
+        assert os.readlink(p) == "target-two"
+        log = m.log_text()
+        assert log.count("readlink(") == 2, log  # one per symlink inode
+        assert "could not add FUSE capabilities" not in log
+    finally:
+        m.unmount()
