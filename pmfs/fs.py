@@ -1498,6 +1498,41 @@ class FileSystem:
         self.drain_reclaim()
         self.img.fence()
 
+    #: copy_range copies through DRAM in pieces of this size
+    COPY_CHUNK = 8 << 20
+
+    @_op
+    def copy_range(self, ino_in: int, off_in: int, ino_out: int, off_out: int,
+                   length: int) -> int:
+        """copy_file_range(2): copy up to `length` bytes of `ino_in` at
+        `off_in` to `ino_out` at `off_out`, as reads and writes (holes are
+        copied as zeros); returns the count copied, 0 at the source's EOF.
+        A failure after some bytes were copied ends the copy short, like a
+        short write."""
+        if off_in < 0 or off_out < 0 or length < 0:
+            raise _err(errno.EINVAL)
+        for ino in (ino_in, ino_out):
+            mode = self.iget(ino).mode
+            if not stat.S_ISREG(mode):
+                raise _err(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL)
+        done = 0
+        while done < length:
+            data = self.read(ino_in, off_in + done, min(self.COPY_CHUNK, length - done))
+            if not data:
+                break
+            if ino_in == ino_out and type(data) is not bytes:
+                data = bytes(data)  # a view of the blocks the write may change
+            try:
+                n = self.write(ino_out, off_out + done, data)
+            except OSError:
+                if done:
+                    break
+                raise
+            done += n
+            if n < len(data):
+                break
+        return done
+
     @_op
     def seek(self, ino: int, off: int, whence: int) -> int:
         """lseek(2) SEEK_DATA / SEEK_HOLE: the first offset >= `off` in data

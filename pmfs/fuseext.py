@@ -1,5 +1,5 @@
-"""FUSE requests pyfuse3 does not forward: FALLOCATE and LSEEK; and one
-capability it does not ask for: CACHE_SYMLINKS.
+"""FUSE requests pyfuse3 does not forward: FALLOCATE, LSEEK and
+COPY_FILE_RANGE; and one capability it does not ask for: CACHE_SYMLINKS.
 
 pyfuse3 (3.5) registers no `fallocate` and no `lseek` handler with
 libfuse, so libfuse answers those requests with ENOSYS, and the kernel
@@ -11,8 +11,10 @@ holes.
 This module adds the handlers after `pyfuse3.init()`: it finds the
 libfuse session pyfuse3 created, finds in it the copy of pyfuse3's
 operation table (`struct fuse_lowlevel_ops`, copied by
-fuse_session_new), and fills its empty `fallocate` and `lseek` slots with
-ctypes callbacks.  libfuse then calls them from fuse_session_process_buf,
+fuse_session_new), and fills its empty `fallocate`, `lseek` and
+`copy_file_range` slots with ctypes callbacks (a copy_file_range(2) is
+then one request that copies in the daemon, instead of the kernel's
+fallback of READ and WRITE requests through the page cache).  libfuse then calls them from fuse_session_process_buf,
 in the daemon's one request loop, like every pyfuse3 handler.  The `init`
 slot gets a wrapper that runs pyfuse3's handler and then also asks for
 FUSE_CAP_CACHE_SYMLINKS: the kernel keeps symlink targets in its page
@@ -63,6 +65,13 @@ _SCAN = 256
 FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                              ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
 
+
+# void (*copy_file_range)(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
+#     struct fuse_file_info *fi_in, fuse_ino_t ino_out, off_t off_out,
+#     struct fuse_file_info *fi_out, size_t len, int flags);
+COPY_FILE_RANGE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64,
+                                   ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64,
+                                   ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 # void (*init)(void *userdata, struct fuse_conn_info *conn): ours, and
 # pyfuse3's, called without releasing the GIL (it runs Python code)
@@ -161,6 +170,8 @@ class Extension:
             lib.fuse_reply_err.restype = ctypes.c_int
             lib.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
             lib.fuse_reply_lseek.restype = ctypes.c_int
+            lib.fuse_reply_write.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            lib.fuse_reply_write.restype = ctypes.c_int
             self.libfuse = lib
         except (Unsupported, OSError, AttributeError, ValueError) as e:
             log.warning("fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE) stay unsupported on "
@@ -173,7 +184,8 @@ class Extension:
         init.value = ctypes.cast(cb, ctypes.c_void_p).value
         self.installed.append("init")
         for op, proto, fn in (("fallocate", FALLOCATE, self._fallocate),
-                              ("lseek", LSEEK, self._lseek)):
+                              ("lseek", LSEEK, self._lseek),
+                              ("copy_file_range", COPY_FILE_RANGE, self._copy_file_range)):
             slot = ctypes.c_void_p.from_address(table + LL_OPS.index(op) * _PTR)
             if slot.value:
                 log.warning("%s: the session already has a handler; left alone", op)
@@ -227,6 +239,23 @@ class Extension:
             self.libfuse.fuse_reply_lseek(req, pos)
         except BaseException:  # noqa: BLE001
             log.exception("could not answer an LSEEK request")
+
+    def _copy_file_range(self, req, ino_in, off_in, _fi_in, ino_out, off_out, _fi_out,
+                         length, flags) -> None:
+        try:
+            code, n = self.ops.copy_range_result(ino_in, off_in, ino_out, off_out, length,
+                                                 flags)
+        except BaseException:  # noqa: BLE001 - answered EIO, logged
+            log.exception("internal error in copy_file_range(%d, %d, %d, %d, %d) "
+                          "(answered EIO)", ino_in, off_in, ino_out, off_out, length)
+            code, n = errno.EIO, 0
+        if code:
+            self._reply_err(req, code)
+            return
+        try:
+            self.libfuse.fuse_reply_write(req, n)
+        except BaseException:  # noqa: BLE001
+            log.exception("could not answer a COPY_FILE_RANGE request")
 
     def _reply_err(self, req, code: int) -> None:
         try:

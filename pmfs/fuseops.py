@@ -267,6 +267,21 @@ class Operations(pyfuse3.Operations):
     def _lseek(self, inode, off, whence):
         return self.fs.seek(inode, off, whence)
 
+    def copy_range_result(self, ino_in, off_in, ino_out, off_out, length,
+                          flags) -> tuple[int, int]:
+        """FUSE_COPY_FILE_RANGE (pmfs/fuseext.py calls this from libfuse):
+        (0, bytes copied) or (errno, 0)."""
+        try:
+            return 0, _serve(self, "copy_file_range", Operations._copy_range,
+                             (ino_in, off_in, ino_out, off_out, length, flags))
+        except FUSEError as e:
+            return e.errno, 0
+
+    def _copy_range(self, ino_in, off_in, ino_out, off_out, length, flags):
+        if flags:
+            raise FUSEError(errno.EINVAL)
+        return self.fs.copy_range(ino_in, off_in, ino_out, off_out, length)
+
     # -- directories --------------------------------------------------------------
     @_handler
     def opendir(self, inode, ctx):

@@ -460,3 +460,37 @@ def test_fallocate_zero_range(memfs):
     expect_errno(errno.ENOSPC, fs.fallocate, f, 0x10, 0, (b0 + 100) * BS)
     assert read_all(fs, f) == bytes(model) and free_counts(fs)[0] == b0
     fs.close()
+
+
+def test_copy_range(memfs, monkeypatch):
+    """copy_file_range(2) in the core: like a read and a write, in pieces;
+    holes arrive as zeros; 0 at the source's EOF; same file, other place."""
+    fs = memfs
+    monkeypatch.setattr(FileSystem, "COPY_CHUNK", 3 * BS)  # several pieces
+    data = _pattern(10 * BS + 123)
+    src = mkfile(fs, ROOT, b"src", data)
+    fs.fallocate(src, 0x01 | 0x02, 2 * BS, 2 * BS)   # a hole in the middle
+    want = bytearray(data)
+    want[2 * BS:4 * BS] = bytes(2 * BS)
+    dst = mkfile(fs, ROOT, b"dst", b"d" * 100)
+    assert fs.copy_range(src, 0, dst, 50, 100 * BS) == len(want)
+    assert read_all(fs, dst) == b"d" * 50 + bytes(want)
+    assert fs.copy_range(src, len(want), dst, 0, 10) == 0        # at EOF
+    assert fs.copy_range(src, 5 * BS, dst, 0, 7) == 7
+    assert read_all(fs, dst)[:7] == bytes(want[5 * BS:5 * BS + 7])
+    # within one file, to a place the source does not cover
+    assert fs.copy_range(src, 0, src, 20 * BS, BS + 1) == BS + 1
+    assert read_all(fs, src)[20 * BS:] == bytes(want[:BS + 1])
+    assert fs.getattr(src).size == 21 * BS + 1
+    d = fs.mkdir(ROOT, b"dir", 0o755).ino
+    expect_errno(errno.EISDIR, fs.copy_range, d, 0, dst, 0, 10)
+    expect_errno(errno.EINVAL, fs.copy_range, src, -1, dst, 0, 10)
+    # out of space part-way: a short copy; with nothing copied: ENOSPC
+    b0, _ = free_counts(fs)
+    big = fs.create(ROOT, b"big", 0o644).ino
+    fs.setattr(big, size=(b0 + 50) * BS)
+    fs.write(big, 0, b"x" * (b0 // 2) * BS)   # data, then a long hole
+    out = fs.create(ROOT, b"out", 0o644).ino
+    n = fs.copy_range(big, 0, out, 0, (b0 + 50) * BS)
+    assert 0 < n < (b0 + 50) * BS and fs.getattr(out).size == n
+    expect_errno(errno.ENOSPC, fs.copy_range, big, n, out, n, 10 * BS)

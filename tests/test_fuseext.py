@@ -261,3 +261,46 @@ def test_symlink_targets_are_cached_by_the_kernel(shm_dir):
         assert "could not add FUSE capabilities" not in log
     finally:
         m.unmount()
+
+
+@pytest.mark.fuse
+def test_copy_file_range_is_one_request_in_the_daemon(shm_dir):
+    """copy_file_range(2) through the mount reaches the daemon as
+    FUSE_COPY_FILE_RANGE (not the kernel's READ/WRITE fallback), copies
+    exactly, and what it copied is there after a remount; cp(1) gives an
+    identical file."""
+    image = os.path.join(shm_dir, "c.img")
+    mkfs(image, "64M")
+    mnt = os.path.join(shm_dir, "mnt")
+    m = PmfsMount(image, mnt, options="debug").mount()
+    data = os.urandom(3 << 20) + b"tail"
+    try:
+        src = os.path.join(mnt, "src")
+        with open(src, "wb") as f:
+            f.write(data)
+        fi = os.open(src, os.O_RDONLY)
+        fo = os.open(os.path.join(mnt, "dst"), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            done = 0
+            while True:
+                n = os.copy_file_range(fi, fo, 1 << 30, done, done + 10)
+                if n == 0:
+                    break
+                done += n
+        finally:
+            os.close(fi)
+            os.close(fo)
+        assert done == len(data)
+        log = m.log_text()
+        assert "copy_file_range(" in log and log.count("read(") == 0, log[-2000:]
+        subprocess.run(["cp", src, os.path.join(mnt, "cp")], check=True)
+    finally:
+        m.unmount()
+    m = PmfsMount(image, mnt).mount()
+    try:
+        with open(os.path.join(mnt, "dst"), "rb") as f:
+            assert f.read() == bytes(10) + data
+        with open(os.path.join(mnt, "cp"), "rb") as f:
+            assert f.read() == data
+    finally:
+        m.unmount()
