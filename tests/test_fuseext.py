@@ -1,11 +1,14 @@
-"""FUSE_FALLOCATE through the mount (pmfs/fuseext.py): the handler pyfuse3
-does not register, added to its libfuse session.
+"""pmfs/fuseext.py: the handlers pyfuse3 does not register (FALLOCATE,
+LSEEK, COPY_FILE_RANGE) and the capability it does not ask for
+(CACHE_SYMLINKS), added to its libfuse session.
 
-Unit tests of the parts that decide whether it can be installed (the ELF
-symbol lookup, the layout check, the fallback when any of it fails), and
-FUSE tests of what it does: errors (ENOSPC, EFBIG from RLIMIT_FSIZE,
-EOPNOTSUPP for modes pmfs lacks, EBADF, ENODEV), and that the daemon
-survives a handler failure answered EIO.
+Unit tests of the parts that decide whether they can be installed (the
+ELF symbol lookup, the layout check, the fallback when any of it fails,
+a handler failure answered EIO), and FUSE tests of what they do:
+fallocate's errors (ENOSPC, EFBIG from RLIMIT_FSIZE, EOPNOTSUPP for modes
+FUSE or pmfs lack, EBADF) and durability across a SIGKILL, SEEK_DATA/
+SEEK_HOLE against tmpfs, a copy_file_range served in the daemon, and
+READLINK answered from the kernel's cache.
 """
 
 from __future__ import annotations
