@@ -16,9 +16,12 @@ fuse_session_new), and fills its empty `fallocate`, `lseek` and
 then one request that copies in the daemon, instead of the kernel's
 fallback of READ and WRITE requests through the page cache).  libfuse then calls them from fuse_session_process_buf,
 in the daemon's one request loop, like every pyfuse3 handler.  The `init`
-slot gets a wrapper that runs pyfuse3's handler and then also asks for
-FUSE_CAP_CACHE_SYMLINKS: the kernel keeps symlink targets in its page
-cache instead of sending READLINK for every resolution.
+slot gets a wrapper that runs pyfuse3's handler and then, on a mount that never
+updates atimes (noatime or ro), also asks for FUSE_CAP_CACHE_SYMLINKS:
+the kernel keeps symlink targets in its page cache instead of sending
+READLINK for every resolution.  Not otherwise: FUSE leaves atimes to the
+daemon, and a READLINK the kernel answers from its cache would not mark
+the symlink's atime as POSIX (and relatime) want.
 
 Nothing is guessed.  The session pointer and pyfuse3's own table come
 from the symbol table of pyfuse3's extension module (ELF `.symtab`,
@@ -65,6 +68,10 @@ _SCAN = 256
 FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                              ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
 
+# void (*lseek)(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+#               struct fuse_file_info *fi);
+LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int,
+                         ctypes.c_void_p)
 
 # void (*copy_file_range)(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
 #     struct fuse_file_info *fi_in, fuse_ino_t ino_out, off_t off_out,
@@ -82,11 +89,6 @@ CONN_CAPABLE, CONN_WANT = 20, 24
 #: symlink targets may be cached in the kernel's page cache: a pmfs
 #: symlink's target never changes (only a new inode can take the name)
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
-
-# void (*lseek)(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
-#               struct fuse_file_info *fi);
-LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int,
-                         ctypes.c_void_p)
 
 
 class Unsupported(Exception):
@@ -151,8 +153,10 @@ def _session_ops() -> int:
 class Extension:
     """The handlers added to the session; keep it alive as long as the mount."""
 
-    def __init__(self, ops):
+    def __init__(self, ops, cache_symlinks: bool = False):
         self.ops = ops
+        #: ask for FUSE_CAP_CACHE_SYMLINKS (only where atimes are not kept)
+        self.cache_symlinks = cache_symlinks
         self.libfuse = None
         self._callbacks: list = []
         self.installed: list[str] = []
@@ -173,9 +177,10 @@ class Extension:
             lib.fuse_reply_write.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             lib.fuse_reply_write.restype = ctypes.c_int
             self.libfuse = lib
-        except (Unsupported, OSError, AttributeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever it is, the mount goes on without
             log.warning("fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE) stay unsupported on "
-                        "this mount: %s", e)
+                        "this mount (copy_file_range falls back to the kernel's copy): %s",
+                        e)
             return []
         init = ctypes.c_void_p.from_address(table + LL_OPS.index("init") * _PTR)
         self._pyfuse3_init = PYFUSE3_INIT(init.value)
@@ -210,7 +215,7 @@ class Extension:
         try:
             capable = ctypes.c_uint.from_address(conn + CONN_CAPABLE).value
             want = ctypes.c_uint.from_address(conn + CONN_WANT)
-            if capable & FUSE_CAP_CACHE_SYMLINKS:
+            if self.cache_symlinks and capable & FUSE_CAP_CACHE_SYMLINKS:
                 want.value |= FUSE_CAP_CACHE_SYMLINKS
                 self.capabilities.append("cache_symlinks")
         except BaseException:  # noqa: BLE001

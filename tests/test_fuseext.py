@@ -244,11 +244,11 @@ def test_seek_data_and_hole_through_the_mount_like_tmpfs(pmfs_mount, shm_dir):
 @pytest.mark.fuse
 def test_symlink_targets_are_cached_by_the_kernel(shm_dir):
     """FUSE_CAP_CACHE_SYMLINKS (asked for at FUSE_INIT by fuseext's init
-    wrapper): the second readlink of a symlink does not reach the daemon;
-    a new symlink under the same name is seen at once."""
+    wrapper on a noatime mount): the second readlink of a symlink does not
+    reach the daemon; a new symlink under the same name is seen at once."""
     image = os.path.join(shm_dir, "s.img")
     mkfs(image, "32M")
-    m = PmfsMount(image, os.path.join(shm_dir, "mnt"), options="debug").mount()
+    m = PmfsMount(image, os.path.join(shm_dir, "mnt"), options="debug,noatime").mount()
     try:
         p = os.path.join(m.path, "link")
         os.symlink("target-one", p)
@@ -262,6 +262,27 @@ def test_symlink_targets_are_cached_by_the_kernel(shm_dir):
         log = m.log_text()
         assert log.count("readlink(") == 2, log  # one per symlink inode
         assert "could not add FUSE capabilities" not in log
+    finally:
+        m.unmount()
+
+
+@pytest.mark.fuse
+def test_symlinks_are_not_cached_where_readlink_keeps_the_atime(shm_dir):
+    """On a relatime mount every readlink reaches the daemon, which marks
+    the symlink's atime (FUSE leaves atimes to the daemon: a readlink
+    answered from the kernel's cache would leave it stale)."""
+    image = os.path.join(shm_dir, "s.img")
+    mkfs(image, "32M")
+    m = PmfsMount(image, os.path.join(shm_dir, "mnt"), options="debug").mount()
+    try:
+        p = os.path.join(m.path, "link")
+        os.symlink("target", p)
+        for _ in range(3):
+            os.utime(p, ns=(10**18, 10**18), follow_symlinks=False)
+            assert os.readlink(p) == "target"
+            # an atime not newer than the mtime is renewed by the read (relatime)
+            assert os.lstat(p).st_atime_ns > 10**18 + 10**9 * 86400 * 365
+        assert m.log_text().count("readlink(") == 3
     finally:
         m.unmount()
 
@@ -307,3 +328,14 @@ def test_copy_file_range_is_one_request_in_the_daemon(shm_dir):
             assert f.read() == data
     finally:
         m.unmount()
+
+
+def test_a_truncated_elf_file_is_unsupported_not_a_crash(tmp_path, monkeypatch, caplog):
+    """Whatever goes wrong while looking (here: a cut-off ELF file as
+    pyfuse3's module), install() logs it and the mount goes on."""
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(open(pyfuse3.__file__, "rb").read()[:5000])
+    monkeypatch.setattr(pyfuse3, "__file__", str(cut))
+    with caplog.at_level(logging.WARNING, logger="pmfs.fuseext"):
+        assert Extension(object()).install() == []
+    assert "stay unsupported" in caplog.text
