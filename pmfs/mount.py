@@ -143,7 +143,8 @@ def build_parser(prog: str) -> ArgumentParser:
         description="Mount a pmfs image (made by mkfs.pmfs) at MOUNTPOINT through FUSE.",
         epilog="Options (-o, comma separated): ro, sync (every write durable on return), "
                "allow_other (other users may access; implies default_permissions, which "
-               "is always on), noatime|relatime|strictatime (atime = relatime), debug "
+               "is always on), noatime|relatime|strictatime (atime = relatime; "
+               "noatime also lets the kernel cache symlink targets), debug "
                "(trace every request on one line), log=PATH|syslog (where the daemon logs: a "
                "file, or syslog with facility daemon; default: stderr with -f, else "
                "syslog if a syslog daemon listens on /dev/log, else $TMPDIR/pmfs-UID.log; "
@@ -475,7 +476,10 @@ class Daemon:
         self.mounted = True
         # FUSE_FALLOCATE, which pyfuse3 does not forward (pmfs/fuseext.py)
         from .fuseext import Extension
-        self.ext = Extension(self.ops)
+        # symlink targets cached by the kernel only where readlink need not
+        # touch the atime (a cached READLINK never reaches the daemon)
+        self.ext = Extension(self.ops, cache_symlinks=self.cfg.atime == "noatime"
+                             or self.cfg.readonly)
         self.ext.install()
         log.info("mounted %s on %s", self.image, self.mountpoint)
 
