@@ -480,11 +480,10 @@ class FileData:
             return x[:off] + bytes(e - off) + x[e:]
         return FileData(z(self.cur), self._uniq(tuple(z(x) for x in self.layers)), self.sizes)
 
-    def union(self, other: "FileData") -> "FileData":
-        """Either, byte by byte (for an in-flight operation whose data part is
-        not atomic)."""
-        return FileData(other.cur, self._uniq(other.layers + self.layers),
-                        self.sizes | other.sizes)
+    def either_bytes(self, other: "FileData") -> "FileData":
+        """Each byte from either, the size one of this file's (for a data
+        change in place that is not atomic and does not change the size)."""
+        return FileData(self.cur, self._uniq(self.layers + other.layers), self.sizes)
 
     @property
     def exact(self) -> bool:
@@ -773,23 +772,32 @@ class Model:
             fd = fd.truncate(a[1])
         elif n == "falloc":
             mode, off, length = a[1], a[2], a[3]
+            end = off + length
             if mode & 2:
-                post = fd.punch(off, off + length)
+                post = fd.punch(off, end)
                 self.nodes[nid] = replace(node, data=post)
                 # the partial blocks at the edges are zeroed in place (data)
-                # before the transaction: in flight, byte by byte either
+                # before the transaction, which then frees the whole blocks
+                # between them: in flight, the edges byte by byte either,
+                # the whole blocks still old, the size the old one
+                first_full = -(-off // BLOCK_SIZE) * BLOCK_SIZE
+                last_full = end // BLOCK_SIZE * BLOCK_SIZE
+                edges = fd.punch(off, min(end, first_full))
+                if first_full < end:
+                    edges = edges.punch(max(off, last_full), end)
                 mid = pre.copy()
-                mid.nodes[nid] = replace(node, data=fd.union(post))
-                return 0, [mid]
+                mid.nodes[nid] = replace(node, data=fd.either_bytes(edges))
+                return 0, [mid, self]
             if mode & 0x10:
                 # zero range: the mapped part zeroed in place (data, byte by
-                # byte either in flight), then the transaction (blocks, size)
-                zeroed = fd.punch(off, off + length)
-                post = zeroed if mode & 1 else zeroed.extend(off + length)
+                # byte either in flight, the size the old one), then the
+                # transaction(s) (blocks; the size with the last)
+                zeroed = fd.punch(off, end)
+                post = zeroed if mode & 1 else zeroed.extend(end)
                 self.nodes[nid] = replace(node, data=post)
                 mid = pre.copy()
-                mid.nodes[nid] = replace(node, data=fd.union(post))
-                return 0, [mid]
+                mid.nodes[nid] = replace(node, data=fd.either_bytes(zeroed))
+                return 0, [mid, self]
             if not mode & 1:
                 fd = fd.extend(off + length)
         self.nodes[nid] = replace(node, data=fd)

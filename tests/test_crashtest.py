@@ -175,16 +175,41 @@ def test_model_predicts_errors_like_the_file_system():
         assert ct.execute(fs, op) == want, op
 
 
-def test_in_flight_punch_allows_each_byte_either_way():
+def test_in_flight_punch_allows_each_byte_either_way_at_the_edges_only():
     m, obs = _model_and_obs()
-    err, inflight, post = m.apply(Op("falloc", ("A/foo", 3, 1000, 2000)))
-    assert err == 0 and len(inflight) == 1
     ino = obs.paths["A/foo"]
+    old = obs.inodes[ino].data  # 5,000 bytes
+    # inside one block: all of it is an edge, zeroed in place
+    err, inflight, post = m.apply(Op("falloc", ("A/foo", 3, 1000, 2000)))
+    assert err == 0 and len(inflight) == 2 and inflight[1] is post
     fd = inflight[0].nodes[ino].data
-    old = obs.inodes[ino].data
     half = old[:1000] + bytes(500) + old[1500:]
     assert fd.mismatch(half) is None
     assert post.nodes[ino].data.mismatch(half) is not None
+    # a whole block goes with the transaction: all old or all zero
+    err, inflight, post = m.apply(Op("falloc", ("A/foo", 3, 100, 8200)))  # block 1 whole
+    fd = inflight[0].nodes[ino].data
+    edges_half = old[:100] + bytes(2000) + old[2100:]
+    assert fd.mismatch(edges_half) is None
+    block_half = old[:4096] + bytes(400) + old[4496:]
+    assert fd.mismatch(block_half) is not None
+    assert post.nodes[ino].data.mismatch(block_half) is not None
+    assert post.nodes[ino].data.mismatch(old[:100] + bytes(4900)) is None
+
+
+def test_in_flight_zero_range_keeps_the_old_size():
+    m, obs = _model_and_obs()
+    ino = obs.paths["A/foo"]
+    old = obs.inodes[ino].data
+    err, inflight, post = m.apply(Op("falloc", ("A/foo", 0x10, 1000, 9000)))
+    assert err == 0 and len(inflight) == 2
+    fd = inflight[0].nodes[ino].data
+    assert fd.sizes == {5000}
+    assert fd.mismatch(old[:1000] + bytes(1234) + old[2234:]) is None
+    # the new size only with the range zero
+    assert post.nodes[ino].data.mismatch(old[:1000] + bytes(9000)) is None
+    assert post.nodes[ino].data.mismatch(old + bytes(5000)) is not None
+    assert fd.mismatch(old + bytes(5000)) is not None
 
 
 # --------------------------------------------------------------------------
