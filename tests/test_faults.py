@@ -164,6 +164,54 @@ def test_killtest_model_of_a_write_cut_short():
     assert kt.compare(m, obs(full[:100] + b"\0"))
 
 
+def test_killtest_model_of_fallocate_and_copy_file_range():
+    """fallocate's modes and copy_file_range in killtest's model: what
+    returned is exact; in flight, each byte of the target either way."""
+    kt = load_killtest()
+    m = kt.Model("w0")
+    m.apply(["create", "w0/f"], None)
+    m.apply(["create", "w0/g"], None)
+    a = kt.data_for("a", 10000)
+    m.apply(["write", "w0/f", 0, 10000, "a"], 10000)
+
+    def data(p):
+        return m.inodes[m.names[p][1]]["data"]
+    m.apply(["fallocate", "w0/f", 1, 9000, 5000], None)      # keep size: nothing
+    assert data("w0/f") == a
+    m.apply(["fallocate", "w0/f", 3, 100, 200], None)        # punch
+    assert data("w0/f") == a[:100] + bytes(200) + a[300:]
+    m.apply(["fallocate", "w0/f", 0x11, 9990, 50], None)     # zero range, keep size
+    assert data("w0/f") == a[:100] + bytes(200) + a[300:9990] + bytes(10)
+    m.apply(["fallocate", "w0/f", 0x10, 9000, 2000], None)   # zero range, grows
+    assert len(data("w0/f")) == 11000 and data("w0/f")[9000:] == bytes(2000)
+    m.apply(["fallocate", "w0/f", 0, 12000, 1], None)        # preallocate, grows
+    f = data("w0/f")
+    assert f == a[:100] + bytes(200) + a[300:9000] + bytes(3001)
+    # copies: a short one at the source's end, and one past it (nothing)
+    m.apply(["copy", "w0/f", "w0/g", 0, 50, 400], 400)
+    assert data("w0/g") == bytes(50) + f[:400]
+    m.apply(["copy", "w0/f", "w0/g", 12000, 1000, 100], 1)
+    assert data("w0/g") == bytes(50) + f[:400] + bytes(550) + f[12000:]
+    m.apply(["copy", "w0/f", "w0/g", 20000, 5000, 100], 0)
+    assert len(data("w0/g")) == 1001
+    g = data("w0/g")
+
+    def obs(fd, gd):
+        return {"w0": ("d", 1, 2), "w0/f": ("f", 2, 1, fd, {}, len(fd)),
+                "w0/g": ("f", 3, 1, gd, {}, len(gd))}
+    assert kt.compare(m, obs(f, g)) == []
+    # in flight: a punch half done (its edge zeroed in place, the rest not)
+    cands = m.uncertain(["fallocate", "w0/f", 3, 5000, 5000])
+    half = f[:5000] + bytes(100) + f[5100:]
+    assert any(kt.compare(c, obs(half, g)) == [] for c in cands)
+    assert all(kt.compare(c, obs(half[:-1], g)) for c in cands)  # never a new size
+    # a copy in flight: any mix of the old and new bytes of the target
+    cands = m.uncertain(["copy", "w0/f", "w0/g", 300, 0, 500])
+    mix = f[300:400] + g[100:]
+    assert any(kt.compare(c, obs(f, mix)) == [] for c in cands)
+    assert all(kt.compare(c, obs(f, mix[:100] + b"?" + mix[101:])) for c in cands)
+
+
 # --------------------------------------------------------------------------
 # SIGKILL during start-up
 # --------------------------------------------------------------------------
