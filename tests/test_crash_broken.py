@@ -18,6 +18,7 @@ import pytest
 
 from pmfs import crashtest as ct
 from pmfs.fs import FileSystem
+from pmfs.layout import BLOCK_SIZE
 from pmfs.wal import WAL
 
 CFG = ct.CI_CONFIG
@@ -245,6 +246,15 @@ ZERO = "falloc A/foo zero 1000 9000"
 QUICK = ct.Config(k=1, recovery="none", new_work=False)
 
 
+def _zero_in_place(fs, inode, off, end):
+    """Zero the mapped part of [off, end) of `inode` in place (flushed, not fenced)."""
+    lb0, lb1 = off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+    for s, k, p in fs.tree(inode).map_range(lb0, lb1 - lb0 + 1):
+        if p:
+            a, b = max(off, s * BLOCK_SIZE), min(end, (s + k) * BLOCK_SIZE)
+            fs.img.zero(p * BLOCK_SIZE + a - s * BLOCK_SIZE, b - a, drain=False)
+
+
 def test_punch_zeroing_whole_blocks_in_place(monkeypatch, clean):
     """Only the partial blocks at the edges of a punched range may be seen
     half-zeroed after a crash; the whole blocks go in the transaction."""
@@ -252,10 +262,7 @@ def test_punch_zeroing_whole_blocks_in_place(monkeypatch, clean):
     punch = FileSystem._punch
 
     def zero_first(self, inode, off, end):
-        for s, k, p in self.tree(inode).map_range(off >> 12, ((end - 1) >> 12) - (off >> 12) + 1):
-            if p:
-                a, b = max(off, s * 4096), min(end, (s + k) * 4096)
-                self.img.zero(p * 4096 + a - s * 4096, b - a, drain=False)
+        _zero_in_place(self, inode, off, end)
         punch(self, inode, off, end)
     monkeypatch.setattr(FileSystem, "_punch", zero_first)
     r = run(PUNCH, QUICK)
@@ -273,12 +280,7 @@ def test_zero_range_size_before_its_zeroing(monkeypatch, clean):
         if not mode & 0x10:
             return fallocate(self, ino, mode, off, length)
         fallocate(self, ino, mode & ~0x10, off, length)  # blocks and size
-        inode = self.iget(ino)
-        end = off + length
-        for s, k, p in self.tree(inode).map_range(off >> 12, ((end - 1) >> 12) - (off >> 12) + 1):
-            if p:
-                a, b = max(off, s * 4096), min(end, (s + k) * 4096)
-                self.img.zero(p * 4096 + a - s * 4096, b - a, drain=False)
+        _zero_in_place(self, self.iget(ino), off, off + length)
         self.img.fence()
     monkeypatch.setattr(FileSystem, "fallocate", size_first)
     r = run(ZERO, QUICK)
