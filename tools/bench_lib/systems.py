@@ -19,12 +19,16 @@ The references are obtained at run time, never vendored:
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import urllib.parse
+import urllib.request
 
 from .util import (CACHE, REPO, BenchError, fuse_mounted, fusermount_unmount, pkg_version,
                    reap, tail, wait_mounted)
@@ -186,6 +190,57 @@ class CPassthrough(System):
                 f"stands in for the issue's 'passthrough (hp)'")
 
 
+def _index_url() -> str:
+    """The package index pip would use (PIP_INDEX_URL or pip's configuration)."""
+    url = os.environ.get("PIP_INDEX_URL")
+    if not url:
+        try:
+            r = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                               capture_output=True, text=True, timeout=60)
+            url = r.stdout.strip() if r.returncode == 0 else ""
+        except (OSError, subprocess.TimeoutExpired):
+            url = ""
+    return (url or "https://pypi.org/simple").rstrip("/")
+
+
+def _download_sdist(project: str, ver: str, dest: str) -> None:
+    """Fetch `project`'s sdist of version `ver` to `dest`, checked against its sha256.
+
+    Straight from the index's simple API (PEP 691 JSON): `pip download
+    --no-binary :all:` would also build the sdist's metadata, which pulls
+    and compiles its build dependencies from source (minutes, or a hang).
+    """
+    name = f"{project}-{ver}.tar.gz"
+    url = f"{_index_url()}/{project}/"
+    try:
+        req = urllib.request.Request(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = r.read()
+            ctype = r.headers.get("Content-Type", "")
+        if "json" in ctype:
+            files = json.loads(body).get("files", [])
+        else:  # PEP 503 HTML: <a href="URL#sha256=HEX">NAME</a>
+            files = []
+            for href, text in re.findall(rb'<a[^>]*href="([^"]+)"[^>]*>([^<]+)</a>', body):
+                u, _, frag = href.decode().partition("#")
+                h = dict([frag.split("=", 1)]) if "=" in frag else {}
+                files.append({"filename": text.decode().strip(), "url": u, "hashes": h})
+        entry = next((f for f in files if f.get("filename") == name), None)
+        if entry is None:
+            raise BenchError(f"{url} lists no {name}")
+        with urllib.request.urlopen(urllib.parse.urljoin(url, entry["url"]), timeout=120) as r:
+            data = r.read()
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, bad JSON
+        raise BenchError(f"could not download {name} from {url}: {e}") from None
+    want = entry.get("hashes", {}).get("sha256")
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise BenchError(f"{name} from {url} does not match its sha256 {want}")
+    tmp = dest + ".part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dest)
+
+
 def pyfuse3_examples() -> str:
     """The examples directory of the installed pyfuse3's sdist (fetched once)."""
     ver = pkg_version("pyfuse3")
@@ -199,14 +254,7 @@ def pyfuse3_examples() -> str:
     os.makedirs(sdist_dir, exist_ok=True)
     tarball = os.path.join(sdist_dir, f"pyfuse3-{ver}.tar.gz")
     if not os.path.exists(tarball):
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q",
-                            "--disable-pip-version-check", f"pyfuse3=={ver}",
-                            "--no-binary", ":all:", "--no-deps", "-d", sdist_dir],
-                           capture_output=True, text=True, timeout=300)
-        if r.returncode != 0 or not os.path.exists(tarball):
-            msg = (r.stderr or r.stdout).strip().splitlines()
-            raise BenchError(f"could not download the pyfuse3 {ver} sdist from PyPI: "
-                             f"{msg[-1] if msg else 'no file'}")
+        _download_sdist("pyfuse3", ver, tarball)
     os.makedirs(exdir, exist_ok=True)
     with tarfile.open(tarball) as tf:
         for m in tf.getmembers():
