@@ -435,9 +435,7 @@ class WAL:
             img.mark("tx-logged", txid=txid, op=tx.label)
         if self.debug_hook:
             self.debug_hook("logged", tx)
-        for eoff, data in entries:
-            img.write(eoff, data)
-            img.flush(eoff, len(data))
+        img.store_all(entries)
         img.fence()
         if traced:
             img.mark("tx-applied", txid=txid, op=tx.label)

@@ -168,6 +168,38 @@ def test_libpmem_copy_from_bytes_and_other_buffers(shm_dir):
     img.close()
 
 
+def test_store_all_stores_and_flushes_every_range(image):
+    kind, img = image
+    ranges = [(0, b"a" * 8), (64, b"b" * 64), (300, b"c" * 20),
+              (8192, b"d" * 128), (SIZE - 64, b"e" * 64)]
+    img.store_all(ranges)
+    for off, data in ranges:
+        assert bytes(img.read(off, len(data))) == data
+    if kind == "tracing":
+        stored, flushed = img.pending()
+        assert stored == set() and flushed == {0, 1, 4, 128, 129, SIZE // 64 - 1}
+    img.fence()
+    with pytest.raises(ValueError):
+        img.store_all([(SIZE - 8, b"x" * 16)])
+
+
+def test_libpmem_store_all_coalesces_nearby_flushes(shm_dir):
+    """Ranges up to four lines apart share one pmem_flush; farther ones get
+    their own; every stored byte is inside a flushed range."""
+    _need_libpmem()
+    img = _open_forced(_file(shm_dir))
+    calls = []
+    img._flush = lambda addr, n: calls.append((addr - img.addr, n))
+    ranges = [(0, b"a" * 64), (128, b"b" * 64), (448, b"c" * 8),
+              (4096, b"d" * 200), (65536, b"e" * 64)]
+    img.store_all(ranges)
+    assert calls == [(0, 456), (4096, 200), (65536, 64)]
+    for off, data in ranges:
+        assert bytes(img.read(off, len(data))) == data
+        assert any(a <= off and off + len(data) <= a + n for a, n in calls)
+    img.close()
+
+
 def test_tracing_records_every_store_flush_and_fence():
     inner = MemoryImage(SIZE)
     img = TracingImage(inner)
