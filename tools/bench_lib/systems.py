@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import html
 import json
 import os
 import re
@@ -222,9 +223,10 @@ def _download_sdist(project: str, ver: str, dest: str) -> None:
         else:  # PEP 503 HTML: <a href="URL#sha256=HEX">NAME</a>
             files = []
             for href, text in re.findall(rb'<a[^>]*href="([^"]+)"[^>]*>([^<]+)</a>', body):
-                u, _, frag = href.decode().partition("#")
+                u, _, frag = html.unescape(href.decode()).partition("#")
                 h = dict([frag.split("=", 1)]) if "=" in frag else {}
-                files.append({"filename": text.decode().strip(), "url": u, "hashes": h})
+                files.append({"filename": html.unescape(text.decode()).strip(), "url": u,
+                              "hashes": h})
         entry = next((f for f in files if f.get("filename") == name), None)
         if entry is None:
             raise BenchError(f"{url} lists no {name}")
