@@ -44,10 +44,18 @@ install_venv() {
         python3 -m venv "$VENV"
     fi
     stamp="$VENV/.pmfs-installed"
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        say "installing pmfs and its dependencies into $VENV"
+    # (again when the build inputs changed, or the C module built in place is gone)
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+        || [ pmfs/_accel.c -nt "$stamp" ] || ! ls pmfs/_accel.*.so >/dev/null 2>&1; then
+        say "installing pmfs and its dependencies into $VENV (compiles pmfs/_accel.c)"
         "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-        "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+        # (its output only on failure: an editable install of a package with
+        # a C extension always warns about folders shadowing the package)
+        if ! "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]" \
+                >"$VENV/pip-install.log" 2>&1; then
+            cat "$VENV/pip-install.log" >&2
+            say "pip install failed (log: $VENV/pip-install.log)"; exit 1
+        fi
         touch "$stamp"
     fi
     # the programs, where mount(8), mount.fuse3, mkfs(8) and fsck(8) look for them

@@ -1033,6 +1033,7 @@ class TrackImage(Image):
     every read and write in order, for the derivation of states."""
 
     backend = "memory"
+    direct_buf = False  # every read of buf is attributed (see below)
 
     def __init__(self, data: bytearray):
         self._data = data

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field, fields
 
 import xxhash
 
+from .accel import ACCEL
+
 BLOCK_SIZE = 4096
 BLOCK_SHIFT = 12
 CACHELINE = 64
@@ -396,6 +398,7 @@ class WalHeader:
 
 _WALHDR_BODY = struct.Struct("<8sQQQ24x")
 _PACK_Q = struct.Struct("<Q").pack
+_PACK_INTO_Q = struct.Struct("<Q").pack_into
 
 
 def encode_wal_header(fsseed: int, slot: int, seq: int, tail_pos: int, tail_txid: int) -> bytes:
@@ -423,6 +426,10 @@ def align(n: int, a: int) -> int:
 
 def encode_wal_record(fsseed: int, txid: int, entries) -> bytes:
     """A log record: header + entries, padded to a cache-line multiple."""
+    if ACCEL is not None:
+        rec = ACCEL.wal_record(WAL_REC_MAGIC, txid, entries)
+        _PACK_INTO_Q(rec, WAL_REC_CSUM_OFF, _xxh3(rec, seed_for(fsseed, TAG_WALREC, txid)))
+        return rec
     size = WAL_REC.size
     for _off, data in entries:
         size += WAL_ENT.size + ((len(data) + 7) & ~7)

@@ -49,6 +49,8 @@ import os
 import stat
 import time
 
+from .accel import ACCEL
+
 log = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
@@ -143,6 +145,10 @@ class Image:
     #: True when mark() records something (TracingImage): callers on hot
     #: paths skip building marks otherwise
     traced = False
+    #: False where every access to `buf` must be seen (crashtest's
+    #: TrackImage): no C loop (pmfs._accel) may then read the mapping on
+    #: its own
+    direct_buf = True
 
     def __init__(self, buf, size: int, path: str | None = None, readonly: bool = False):
         self.buf = buf
@@ -173,8 +179,9 @@ class Image:
         self.fence()
 
     def store_all(self, ranges) -> None:
-        """Store and flush every (offset, bytes) of `ranges`, sorted by
-        offset and not overlapping (a WAL record's entries); no fence."""
+        """Store and flush every (offset, bytes) of `ranges`, in order and
+        not overlapping (a WAL record's entries; a record and the log
+        header); no fence."""
         for off, data in ranges:
             self.write(off, data)
             self.flush(off, len(data))
@@ -384,6 +391,8 @@ class LibpmemImage(_FileImage):
         # bound once: they run several times per commit
         self._flush = self._lib.pmem_flush
         self._drain = self._lib.pmem_drain
+        self._flush_ptr = (ctypes.cast(self._flush, ctypes.c_void_p).value
+                           if ACCEL is not None and self.addr else None)
 
     def flush(self, off: int, n: int) -> None:
         if n > 0:
@@ -399,6 +408,9 @@ class LibpmemImage(_FileImage):
         # Ranges a few cache lines apart share one flush: flushing a clean
         # line costs less than a call into libpmem (an inode and its
         # neighbour in the table, a dirent and its block's free map).
+        if self._flush_ptr:  # the same loop in C, calling pmem_flush directly
+            ACCEL.store_flush(self.buf, self.addr, self._flush_ptr, ranges, _FLUSH_GAP)
+            return
         buf, size, flush, addr = self.buf, self.size, self._flush, self.addr
         start = end = None
         for off, data in ranges:
@@ -406,7 +418,7 @@ class LibpmemImage(_FileImage):
             if off < 0 or off + n > size:
                 raise ValueError(f"write [{off}, {off + n}) outside the image ({size})")
             buf[off:off + n] = data
-            if end is None or off - end > _FLUSH_GAP:
+            if end is None or off < end or off - end > _FLUSH_GAP:
                 if end is not None:
                     flush(addr + start, end - start)
                 start = off

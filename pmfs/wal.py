@@ -39,6 +39,7 @@ from __future__ import annotations
 import errno
 import logging
 
+from .accel import ACCEL
 from .layout import (BLOCK_SIZE, CACHELINE, WAL_REC, WAL_REC_SKIP, FormatError, WalHeader,
                      decode_wal_entries, encode_skip_record, encode_wal_header,
                      encode_wal_record,
@@ -177,6 +178,8 @@ class Transaction:
             return []
         img = self.wal.img
         mv = img.buf  # direct slices where the image is one mapping (not an overlay)
+        if mv is not None and _diff_lines is not None:
+            return _diff_lines(lines, mv)
         read = img.read
         out = []
         run_start = -1
@@ -199,6 +202,23 @@ class Transaction:
         if run:
             out.append((run_start, run[0] if len(run) == 1 else b"".join(run)))
         return out
+
+
+_diff_lines = ACCEL.diff_lines if ACCEL is not None else None
+
+
+class _MappedTransaction(Transaction):
+    """A transaction of an image mapped as one buffer, with pmfs._accel:
+    `write` is the C loop (same result as Transaction.write)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self, wal: "WAL", label: str = ""):
+        super().__init__(wal, label)
+        self._buf = wal.img.buf
+
+    def write(self, off: int, data, _w=ACCEL.tx_write if ACCEL is not None else None) -> None:
+        _w(self.lines, self._buf, off, data)
 
 
 class _TxContext:
@@ -270,15 +290,21 @@ class WAL:
             raise WalError("WAL header damaged (" + "; ".join(errs) + ")")
         return best
 
-    def _stage_header(self, tail_pos: int, tail_txid: int) -> None:
-        """Store and flush the older header slot (no fence)."""
+    def _next_header(self, tail_pos: int, tail_txid: int) -> tuple[int, bytes]:
+        """(offset, bytes) of the older header slot naming this tail; the
+        caller stores and flushes them (no fence)."""
         slot = 1 - self.hdr_slot
         seq = self.hdr_seq + 1
         off = self.hdr_off + slot * CACHELINE
-        self.img.write(off, encode_wal_header(self.fsseed, slot, seq, tail_pos, tail_txid))
-        self.img.flush(off, CACHELINE)
         self.hdr_slot, self.hdr_seq = slot, seq
         self.tail_pos, self.tail_txid = tail_pos, tail_txid
+        return off, encode_wal_header(self.fsseed, slot, seq, tail_pos, tail_txid)
+
+    def _stage_header(self, tail_pos: int, tail_txid: int) -> None:
+        """Store and flush the older header slot (no fence)."""
+        off, hdr = self._next_header(tail_pos, tail_txid)
+        self.img.write(off, hdr)
+        self.img.flush(off, CACHELINE)
 
     def _write_header(self, tail_pos: int, tail_txid: int) -> None:
         self._stage_header(tail_pos, tail_txid)
@@ -361,6 +387,14 @@ class WAL:
         """``with wal.transaction() as tx:`` -- committed on normal exit."""
         return _TxContext(self, label)
 
+    def _tx_class(self, label: str) -> Transaction:
+        img = self.img
+        if ACCEL is not None and img.direct_buf:
+            buf = img.buf
+            if buf is not None and len(buf) == img.size:
+                return _MappedTransaction(self, label)
+        return Transaction(self, label)
+
     def begin(self, label: str = "") -> Transaction:
         if not self.loaded:
             raise RuntimeError("WAL used before recovery")
@@ -368,7 +402,7 @@ class WAL:
             raise RuntimeError("nested transaction")
         if self.img.readonly:
             raise OSError(errno.EROFS, "read-only file system")
-        tx = Transaction(self, label)
+        tx = self._tx_class(label)
         self.active = tx
         return tx
 
@@ -420,16 +454,14 @@ class WAL:
             txid += 1
             rec = encode_wal_record(self.fsseed, txid, entries)
             phys = 0
-        off = self.area_off + phys
-        img.write(off, rec)
-        img.flush(off, length)
-        # The tail moves to this transaction in the same fence epoch: every
+        # The record is stored and flushed, then the header.  The tail
+        # moves to this transaction in the same fence epoch: every
         # earlier record is applied and fenced, and must never be replayed
         # again -- a block it wrote may since have been freed and reused for
         # file data (the "revoke" problem of jbd2).  If this header store is
         # lost, the previous header names the previous record, which is
         # still safe to replay (nothing it wrote can have been freed since).
-        self._stage_header(start_pos, start_txid)
+        img.store_all(((self.area_off + phys, rec), self._next_header(start_pos, start_txid)))
         img.fence()
         if traced:
             img.mark("tx-logged", txid=txid, op=tx.label)
