@@ -317,18 +317,21 @@ class FileSystem:
 
     def _mod(self, tx, inode: Inode) -> Inode:
         """Declare that `tx` changes `inode` (snapshot for abort, write at commit)."""
+        ino = inode.ino
         snaps = tx.meta.get("inodes")
         if snaps is None:
             snaps = tx.meta["inodes"] = {}
-        if inode.ino not in snaps:
-            snaps[inode.ino] = snap = inode.snapshot()
+        if ino not in snaps:
+            snaps[ino] = snap = inode.snapshot()
 
             def restore(inode=inode, snap=snap):
                 inode.restore(snap)
                 self.trees.pop(inode.ino, None)
             tx.abort_hook(restore)
-        tx.add(("inode", inode.ino), _InodeFlush(self, inode))
-        self.lazy.pop(inode.ino, None)
+        key = ("inode", ino)
+        if key not in tx.objects:  # (not queued, or flushed already: again)
+            tx.add(key, _InodeFlush(self, inode))
+        self.lazy.pop(ino, None)
         return inode
 
     def inode_dirty(self, tx, inode: Inode) -> None:
