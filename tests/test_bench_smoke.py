@@ -74,6 +74,9 @@ def test_quick_run_json(tmp_path):
     assert doc["order"] == systems
     for key in ("cpu", "cores", "kernel"):
         assert doc["machine"][key]
+    # the venv that runs the tests has the C module built (setup.sh)
+    assert doc["machine"]["pmfs_commit_path"] == "C (pmfs._accel)"
+    assert "pmfs commit path: C (pmfs._accel)" in r.stdout
     row_ids = [row["id"] for row in doc["rows"]]
     assert len(row_ids) >= 15 and len(set(row_ids)) == len(row_ids)
     for must in ("seq_write", "seq_read_cold", "rand_overwrite_fsync", "rand_read_cold",

@@ -172,7 +172,8 @@ def render(doc: dict) -> str:
     lines = [f"pmfs benchmark ({doc['mode']} mode), {doc['machine']['date']}",
              f"machine: {m['cores']} cores, {m['cpu']}, Linux {m['kernel']}, "
              f"{m['memory_gib']} GiB RAM; Python {m['python']}, {m['fio']}, libfuse "
-             f"{m['libfuse']}, pyfuse3 {m['pyfuse3']}; everything on /dev/shm"]
+             f"{m['libfuse']}, pyfuse3 {m['pyfuse3']}; everything on /dev/shm",
+             f"pmfs commit path: {m.get('pmfs_commit_path', 'unknown')}"]
     la0, la1 = doc.get("loadavg_start") or [0], doc.get("loadavg_end") or [0]
     rounds = doc["params"].get("repeat", 1)
     lines.append(f"run: {doc.get('seconds', 0):.0f} s, {rounds} round(s)"

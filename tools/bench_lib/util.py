@@ -270,6 +270,16 @@ def pkg_version(name: str) -> str:
         return "unavailable"
 
 
+def pmfs_commit_path() -> str:
+    """Which commit path the pmfs daemon will use (it inherits this
+    environment, PMFS_NO_ACCEL included)."""
+    try:
+        from pmfs.accel import describe
+        return describe()
+    except Exception as e:  # pmfs not importable: the run reports it elsewhere
+        return f"unknown ({e})"
+
+
 def machine_info() -> dict:
     return {
         "cpu": cpu_model(),
@@ -282,6 +292,7 @@ def machine_info() -> dict:
         "libfuse": cmd_version(["pkg-config", "--modversion", "fuse3"]),
         "pyfuse3": pkg_version("pyfuse3"),
         "trio": pkg_version("trio"),
+        "pmfs_commit_path": pmfs_commit_path(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
