@@ -1416,8 +1416,11 @@ class FileSystem:
         for chunk in self._chunks(segs):
             a = max(off, chunk[0][0] * BLOCK_SIZE)
             b = min(end, (chunk[-1][0] + chunk[-1][1]) * BLOCK_SIZE)
+            # the caller's bytes themselves when one transaction takes them
+            # all: libpmem's non-temporal copy needs a bytes object's address
+            part = data if (a, b) == (off, end) and type(data) is bytes else mv[a - off:b - off]
             try:
-                self._write_alloc_tx(inode, a, mv[a - off:b - off], chunk)
+                self._write_alloc_tx(inode, a, part, chunk)
             except OSError as e:
                 if e.errno == errno.ENOSPC and done:
                     return done
