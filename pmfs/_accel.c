@@ -15,12 +15,15 @@
  *   wal_record(magic, txid, entries)      encode_wal_record        (layout.py)
  *   store_flush(image, addr, flush, entries, gap)
  *                                         LibpmemImage.store_all   (pmem.py)
+ *   copy_nodrain(image, addr, memcpy, off, data, start, n)
+ *                                         LibpmemImage.copy        (pmem.py)
  *
  * `lines` maps a cache-line number to a 64-byte bytearray (the line as the
  * transaction will leave it), `image` is the writable buffer of the mapped
- * image.  Only store_flush writes to the image: it is the libpmem backend's
- * store primitive, called from pmfs/pmem.py only, and calls libpmem's
- * pmem_flush through the function pointer it is given.  Nothing here
+ * image.  Only store_flush and copy_nodrain write to the image: they are
+ * the libpmem backend's store primitives, called from pmfs/pmem.py only,
+ * and call libpmem's pmem_flush / pmem_memcpy_nodrain through the function
+ * pointer they are given.  Nothing here
  * fences: ordering stays in wal.py, where the crash explorer sees it.
  *
  * Integers in the record are little-endian, as struct's "<" formats.
@@ -101,7 +104,8 @@ static PyObject *tx_write(PyObject *self, PyObject *const *args, Py_ssize_t narg
         ret = Py_None;
         goto out;
     }
-    if (off < 0 || end > img.len) {
+    /* (whole lines: a partly written line is read from the image) */
+    if (off < 0 || (((end - 1) >> LINE_SHIFT) + 1) << LINE_SHIFT > img.len) {
         PyErr_Format(PyExc_ValueError, "tx write [%lld, %lld) outside the image", off, end);
         goto out;
     }
@@ -290,6 +294,24 @@ out:
     return rec;
 }
 
+typedef void *(*memcpy_fn)(void *dst, const void *src, size_t len);
+
+/* The writable image buffer, checked against the address libpmem was given. */
+static int image_at(PyObject *obj, PyObject *addr_obj, Py_buffer *img)
+{
+    unsigned long long addr = PyLong_AsUnsignedLongLong(addr_obj);
+    if (addr == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (PyObject_GetBuffer(obj, img, PyBUF_WRITABLE) < 0)
+        return -1;
+    if ((uintptr_t)img->buf != (uintptr_t)addr) {
+        PyBuffer_Release(img);
+        PyErr_SetString(PyExc_ValueError, "addr is not the image buffer's address");
+        return -1;
+    }
+    return 0;
+}
+
 typedef void (*flush_fn)(const void *addr, size_t len);
 
 static PyObject *store_flush(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -298,9 +320,6 @@ static PyObject *store_flush(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "store_flush(image, addr, flush, entries, gap)");
         return NULL;
     }
-    unsigned long long addr = PyLong_AsUnsignedLongLong(args[1]);
-    if (addr == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
     unsigned long long fp = PyLong_AsUnsignedLongLong(args[2]);
     if (fp == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
@@ -313,13 +332,8 @@ static PyObject *store_flush(PyObject *self, PyObject *const *args, Py_ssize_t n
     }
     flush_fn flush = (flush_fn)(uintptr_t)fp;
     Py_buffer img;
-    if (PyObject_GetBuffer(args[0], &img, PyBUF_WRITABLE) < 0)
+    if (image_at(args[0], args[1], &img) < 0)
         return NULL;
-    if ((uintptr_t)img.buf != (uintptr_t)addr) {
-        PyBuffer_Release(&img);
-        PyErr_SetString(PyExc_ValueError, "addr is not the image buffer's address");
-        return NULL;
-    }
     PyObject *entries = PySequence_Fast(args[3], "entries must be a sequence");
     if (entries == NULL) {
         PyBuffer_Release(&img);
@@ -358,6 +372,53 @@ out:
     return ret;
 }
 
+static PyObject *copy_nodrain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "copy_nodrain(image, addr, memcpy, off, data, start, n)");
+        return NULL;
+    }
+    unsigned long long fp = PyLong_AsUnsignedLongLong(args[2]);
+    if (fp == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (fp == 0) {
+        PyErr_SetString(PyExc_ValueError, "no memcpy function");
+        return NULL;
+    }
+    long long off = PyLong_AsLongLong(args[3]);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    long long start = PyLong_AsLongLong(args[5]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    long long n = PyLong_AsLongLong(args[6]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer img, data;
+    if (image_at(args[0], args[1], &img) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[4], &data, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&img);
+        return NULL;
+    }
+    PyObject *ret = NULL;
+    if (start < 0 || n < 0 || start + n > data.len) {
+        PyErr_Format(PyExc_ValueError, "copy of [%lld, %lld) from %zd bytes",
+                     start, start + n, data.len);
+    } else if (off < 0 || off + n > img.len) {
+        PyErr_Format(PyExc_ValueError, "copy [%lld, %lld) outside the image", off, off + n);
+    } else {
+        if (n)
+            ((memcpy_fn)(uintptr_t)fp)((char *)img.buf + off, (const char *)data.buf + start,
+                                       (size_t)n);
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&img);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"tx_write", (PyCFunction)(void (*)(void))tx_write, METH_FASTCALL,
      "tx_write(lines, image, off, data): set bytes [off, off+len) in the line map"},
@@ -367,6 +428,8 @@ static PyMethodDef methods[] = {
      "wal_record(magic, txid, entries) -> bytearray: a record, checksum field zero"},
     {"store_flush", (PyCFunction)(void (*)(void))store_flush, METH_FASTCALL,
      "store_flush(image, addr, flush, entries, gap): store entries, flush near ranges once"},
+    {"copy_nodrain", (PyCFunction)(void (*)(void))copy_nodrain, METH_FASTCALL,
+     "copy_nodrain(image, addr, memcpy, off, data, start, n): libpmem's memcpy of any buffer"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -378,5 +441,14 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__accel(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    /* the record layout this file packs: layout.py uses wal_record only
+     * when these agree with its WAL_REC, WAL_ENT and WAL_REC_CSUM_OFF */
+    if (m != NULL && (PyModule_AddIntConstant(m, "WAL_REC_SIZE", REC_HDR) < 0
+                      || PyModule_AddIntConstant(m, "WAL_ENT_SIZE", ENT_HDR) < 0
+                      || PyModule_AddIntConstant(m, "WAL_REC_CSUM_OFF", 24) < 0)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

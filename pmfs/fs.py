@@ -317,21 +317,18 @@ class FileSystem:
 
     def _mod(self, tx, inode: Inode) -> Inode:
         """Declare that `tx` changes `inode` (snapshot for abort, write at commit)."""
-        ino = inode.ino
         snaps = tx.meta.get("inodes")
         if snaps is None:
             snaps = tx.meta["inodes"] = {}
-        if ino not in snaps:
-            snaps[ino] = snap = inode.snapshot()
+        if inode.ino not in snaps:
+            snaps[inode.ino] = snap = inode.snapshot()
 
             def restore(inode=inode, snap=snap):
                 inode.restore(snap)
                 self.trees.pop(inode.ino, None)
             tx.abort_hook(restore)
-        key = ("inode", ino)
-        if key not in tx.objects:  # (not queued, or flushed already: again)
-            tx.add(key, _InodeFlush(self, inode))
-        self.lazy.pop(ino, None)
+        tx.add(("inode", inode.ino), _InodeFlush(self, inode))
+        self.lazy.pop(inode.ino, None)
         return inode
 
     def inode_dirty(self, tx, inode: Inode) -> None:
@@ -1416,11 +1413,8 @@ class FileSystem:
         for chunk in self._chunks(segs):
             a = max(off, chunk[0][0] * BLOCK_SIZE)
             b = min(end, (chunk[-1][0] + chunk[-1][1]) * BLOCK_SIZE)
-            # the caller's bytes themselves when one transaction takes them
-            # all: libpmem's non-temporal copy needs a bytes object's address
-            part = data if (a, b) == (off, end) and type(data) is bytes else mv[a - off:b - off]
             try:
-                self._write_alloc_tx(inode, a, part, chunk)
+                self._write_alloc_tx(inode, a, mv[a - off:b - off], chunk)
             except OSError as e:
                 if e.errno == errno.ENOSPC and done:
                     return done

@@ -424,10 +424,16 @@ def align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+#: the C packer (pmfs/_accel.c), where it packs the layout above
+_wal_record_c = (ACCEL.wal_record if ACCEL is not None
+                 and (ACCEL.WAL_REC_SIZE, ACCEL.WAL_ENT_SIZE, ACCEL.WAL_REC_CSUM_OFF)
+                 == (WAL_REC.size, WAL_ENT.size, WAL_REC_CSUM_OFF) else None)
+
+
 def encode_wal_record(fsseed: int, txid: int, entries) -> bytes:
     """A log record: header + entries, padded to a cache-line multiple."""
-    if ACCEL is not None:
-        rec = ACCEL.wal_record(WAL_REC_MAGIC, txid, entries)
+    if _wal_record_c is not None:
+        rec = _wal_record_c(WAL_REC_MAGIC, txid, entries)
         _PACK_INTO_Q(rec, WAL_REC_CSUM_OFF, _xxh3(rec, seed_for(fsseed, TAG_WALREC, txid)))
         return rec
     size = WAL_REC.size

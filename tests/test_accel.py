@@ -82,6 +82,11 @@ def test_tx_write_rejects_what_python_rejects():
     assert lines == {}
     with pytest.raises(TypeError):
         C.tx_write({5: b"not a bytearray"}, img.buf, 5 * 64, b"x")
+    # a buffer ending inside a line: the line's rest cannot be read from it
+    short = bytearray(SIZE - 10)
+    with pytest.raises(ValueError):
+        C.tx_write(lines, short, SIZE - 64, b"x")
+    assert lines == {}
     with pytest.raises(TypeError):
         C.diff_lines({5: bytearray(10)}, img.buf)
     with pytest.raises(ValueError):
@@ -92,9 +97,10 @@ def test_tx_write_rejects_what_python_rejects():
 @given(entries=st.lists(st.tuples(st.integers(0, 2**40), st.binary(max_size=300)), max_size=8),
        txid=st.integers(1, 2**63), fsseed=st.integers(0, 2**64 - 1))
 def test_wal_record_matches_python(entries, txid, fsseed):
+    assert layout._wal_record_c is C.wal_record  # the layouts agree: C packs
     got = encode_wal_record(fsseed, txid, entries)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(layout, "ACCEL", None)
+        m.setattr(layout, "_wal_record_c", None)
         want = encode_wal_record(fsseed, txid, entries)
     assert bytes(got) == bytes(want)
     kind, rtxid, length, nent, csum = wal_record_header(got)
@@ -185,7 +191,7 @@ def test_whole_operations_write_the_same_image_in_c_and_in_python(monkeypatch):
             m.setattr(time, "time_ns", lambda: 1_700_000_000_000_000_000 + next(ticks))
             m.setattr(time, "time", lambda: 1_700_000_000.0)
             if path == "Python":
-                m.setattr(layout, "ACCEL", None)
+                m.setattr(layout, "_wal_record_c", None)
                 m.setattr(wal, "_diff_lines", None)
                 m.setattr(wal, "ACCEL", None)
             fs = FileSystem(img, MountOptions())

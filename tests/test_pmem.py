@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from pmfs import accel
 from pmfs.pmem import (EV_FENCE, EV_FLUSH, EV_STORE, ImageError, LibpmemImage, MemoryImage,
                        MsyncImage, TracingImage, libpmem, open_image)
 
@@ -166,6 +167,44 @@ def test_libpmem_copy_from_bytes_and_other_buffers(shm_dir):
     assert bytes(img.read(20000, 64)) == src[5:69]
     with pytest.raises(ValueError):
         img.copy(0, src, start=9000, n=2000)  # past the end of the source
+    img.close()
+
+
+@pytest.mark.skipif(accel.ACCEL is None, reason="pmfs._accel not built (PMFS_NO_ACCEL=1)")
+def test_libpmem_copy_of_any_large_buffer_is_nontemporal(shm_dir):
+    """With pmfs._accel, a large copy from any buffer -- a memoryview of a
+    write's bytes, a bytearray -- goes to pmem_memcpy_nodrain (called here
+    through a recording stand-in that does the memmove), not through a
+    store and a flush of every line."""
+    _need_libpmem()
+    img = _open_forced(_file(shm_dir))
+    calls = []
+
+    def fake_memcpy(dst, src, n):
+        calls.append((dst - img.addr, n))
+        ctypes.memmove(dst, src, n)
+        return dst
+
+    cb = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                          ctypes.c_size_t)(fake_memcpy)
+    img._memcpy_ptr = ctypes.cast(cb, ctypes.c_void_p).value
+    flushed = []
+    img._flush = lambda addr, n: flushed.append((addr - img.addr, n))
+    src = os.urandom(1 << 17)
+    img.copy(4096, memoryview(src)[1000:1000 + 40000], drain=False)
+    img.copy(65536, bytearray(src), drain=False, start=7, n=20000)
+    img.copy(200000, src, drain=False, start=5, n=100)  # small: store + flush
+    img.fence()
+    assert calls == [(4096, 40000), (65536, 20000)]
+    assert flushed == [(200000, 100)]
+    assert bytes(img.read(4096, 40000)) == src[1000:41000]
+    assert bytes(img.read(65536, 20000)) == src[7:20007]
+    assert bytes(img.read(200000, 100)) == src[5:105]
+    for bad in (lambda: img.copy(SIZE - 16384, src, n=20000),          # past the image
+                lambda: img.copy(0, memoryview(src)[:20000], start=10, n=20000)):  # source
+        with pytest.raises(ValueError):
+            bad()
+    assert len(calls) == 2
     img.close()
 
 
