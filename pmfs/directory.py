@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 
-from .layout import (BLOCK_SIZE, DIRENT, DIRENT_MIN, FormatError, decode_dirent,
-                     dirent_size, encode_dirent)
+from .layout import (BLOCK_SIZE, DIRENT, DIRENT_MIN, FormatError, dirent_size,
+                     encode_dirent, parse_dirent_block)
 
 
 class Directory:
@@ -54,8 +54,8 @@ class Directory:
         for lblk, pblk in self.blocks():
             base = lblk * BLOCK_SIZE
             raw = self.vol.img.read(pblk * BLOCK_SIZE, BLOCK_SIZE)
-            for off, ino, rec_len, ftype, name in parse_block(self.vol.fsseed, self.ino,
-                                                              base, raw):
+            for off, ino, rec_len, ftype, name in parse_dirent_block(self.vol.fsseed,
+                                                                     self.ino, base, raw):
                 pos = base + off
                 if ino:
                     if name in self.entries:
@@ -211,15 +211,3 @@ class Directory:
     def _write_free(self, tx, pos: int, rec_len: int) -> None:
         tx.write(self._img_off(pos),
                  encode_dirent(self.vol.fsseed, self.ino, pos, 0, rec_len, 0, b""))
-
-
-def parse_block(fsseed: int, dir_ino: int, base: int, raw):
-    """Yield (offset in block, ino, rec_len, ftype, name) of every record of
-    a directory block at directory offset `base`; FormatError if damaged."""
-    off = 0
-    while off < BLOCK_SIZE:
-        ino, rec_len, ftype, name = decode_dirent(fsseed, dir_ino, base + off, raw, off)
-        yield off, ino, rec_len, ftype, name
-        off += rec_len
-    if off != BLOCK_SIZE:
-        raise FormatError(f"directory {dir_ino} block at {base}: records overrun the block")

@@ -110,11 +110,12 @@ class MountOptions:
 class _InodeFlush:
     """Writes an inode into a transaction at commit."""
 
-    __slots__ = ("fs", "inode")
+    __slots__ = ("fs", "inode", "snap")
 
     def __init__(self, fs, inode):
         self.fs = fs
         self.inode = inode
+        self.snap = None  # (_mod) the inode's fields before the transaction
 
     def tx_flush(self, tx) -> None:
         ino = self.inode.ino
@@ -317,19 +318,26 @@ class FileSystem:
 
     def _mod(self, tx, inode: Inode) -> Inode:
         """Declare that `tx` changes `inode` (snapshot for abort, write at commit)."""
+        ino = inode.ino
         snaps = tx.meta.get("inodes")
         if snaps is None:
+            # one abort hook restores every inode the transaction declared
             snaps = tx.meta["inodes"] = {}
-        if inode.ino not in snaps:
-            snaps[inode.ino] = snap = inode.snapshot()
-
-            def restore(inode=inode, snap=snap):
-                inode.restore(snap)
-                self.trees.pop(inode.ino, None)
-            tx.abort_hook(restore)
-        tx.add(("inode", inode.ino), _InodeFlush(self, inode))
-        self.lazy.pop(inode.ino, None)
+            tx.abort_hook(lambda: self._restore_inodes(snaps))
+        flush = snaps.get(ino)
+        if flush is None:
+            flush = snaps[ino] = _InodeFlush(self, inode)
+            flush.snap = inode.snapshot()
+        elif flush.inode is not inode:  # another object for the slot: write that one
+            flush = _InodeFlush(self, inode)
+        tx.add(("inode", ino), flush)
+        self.lazy.pop(ino, None)
         return inode
+
+    def _restore_inodes(self, snaps: dict) -> None:
+        for flush in snaps.values():
+            flush.inode.restore(flush.snap)
+            self.trees.pop(flush.inode.ino, None)
 
     def inode_dirty(self, tx, inode: Inode) -> None:
         """(layer interface) write `inode` at commit."""

@@ -74,6 +74,7 @@ from .layout import (BITMAP_BYTES, BITS_PER_BITMAP_BLOCK, BLOCK_SIZE, CACHELINE,
                      encode_extent_node, encode_root_entries, fs_seed, inode_checksum_ok,
                      verify_bitmap_block, wal_record_header)
 from .layout import _SUPER_SEED  # to re-verify a salvaged superblock replica
+from .layout import _dirent_block_c  # the C directory-block parser, or None
 from .pmem import Image, ImageBusy, open_image
 from .superblock import REPLICA_OFFSETS, SuperblockManager, looks_like_pmfs, read_replicas
 from .wal import WAL, TxTooLarge, WalError
@@ -1486,6 +1487,11 @@ class Fsck:
 
     def _parse_block(self, d: int, base: int, raw: bytes):
         """[(off, ino, rec_len, ftype, name)] of a well-formed block, or None."""
+        if _dirent_block_c is not None:
+            recs = _dirent_block_c(self.seed, d, base, raw, _xxh3)
+            if recs is not None:
+                return recs
+            # damaged, or out of C's ranges: the loop below decides
         recs = []
         off = 0
         seed = self.seed

@@ -561,6 +561,15 @@ assert _INODE_HEAD_EXT.size == EXT_ROOT_OFF
 _ZERO_INODE = bytes(INODE_SIZE)
 
 
+#: the C encoder and decoder (pmfs/_accel.c), where they pack the layout above
+_C_INODE_LAYOUT = (INODE_SIZE, INODE_CSUM_OFF, INLINE_OFF, EXT_ROOT_OFF, I_INLINE, TAG_INODE)
+_inode_encode_c = _inode_decode_c = None
+if ACCEL is not None and (ACCEL.INODE_SIZE, ACCEL.INODE_CSUM_OFF, ACCEL.INLINE_OFF,
+                          ACCEL.EXT_ROOT_OFF, ACCEL.I_INLINE,
+                          ACCEL.TAG_INODE) == _C_INODE_LAYOUT:
+    _inode_encode_c, _inode_decode_c = ACCEL.inode_encode, ACCEL.inode_decode
+
+
 class Inode:
     """An inode as held in DRAM.  `ino` is its slot number."""
 
@@ -603,6 +612,15 @@ class Inode:
         return self.mode == 0
 
     def encode(self, fsseed: int) -> bytes:
+        if _inode_encode_c is not None:
+            raw = _inode_encode_c(
+                fsseed, self.ino, self.mode, self.uid, self.gid, self.flags, self.nlink,
+                self.generation, self.size, self.blocks, self.atime, self.mtime, self.ctime,
+                self.btime, self.rdev, self.parent, self.xattr, self.orphan_next,
+                self.orphan_prev, self.depth, self.count, self.root, _xxh3)
+            if raw is not None:
+                return raw
+            # a field out of its range: struct.pack below says which
         root = self.root
         if len(root) != INLINE_MAX:
             root = bytes(root[:INLINE_MAX]).ljust(INLINE_MAX, b"\0")
@@ -622,6 +640,11 @@ class Inode:
 
     @classmethod
     def decode(cls, ino: int, raw, fsseed: int, verify: bool = True) -> "Inode":
+        if _inode_decode_c is not None and len(raw) >= INODE_SIZE:
+            v = _inode_decode_c(raw, ino, fsseed, verify, _xxh3)
+            if v is not None:
+                return cls(ino, *v[:17], depth=v[17], count=v[18], root=v[19])
+            # the checksum does not match: the code below raises
         raw = bytes(raw[:INODE_SIZE])
         if verify and raw != _ZERO_INODE:
             (c,) = struct.unpack_from("<Q", raw, INODE_CSUM_OFF)
@@ -750,9 +773,21 @@ def dirent_csum(fsseed: int, dir_ino: int, pos: int, hdr12, name) -> int:
                   seed_for(fsseed, TAG_DIRENT, (dir_ino << 32) ^ pos))
 
 
+#: the C encoder and block parser (pmfs/_accel.c), where they pack this layout
+_dirent_encode_c = _dirent_block_c = None
+if ACCEL is not None and (ACCEL.DIRENT_SIZE, ACCEL.DIRENT_CSUM_OFF, ACCEL.TAG_DIRENT) \
+        == (DIRENT.size, DIRENT_CSUM_OFF, TAG_DIRENT) and BLOCK_SIZE == 4096:
+    _dirent_encode_c, _dirent_block_c = ACCEL.dirent_encode, ACCEL.dirent_block
+
+
 def encode_dirent(fsseed: int, dir_ino: int, pos: int, ino: int, rec_len: int,
                   ftype: int, name: bytes) -> bytes:
     """A directory record at logical directory offset `pos` (header + name)."""
+    if _dirent_encode_c is not None:
+        rec = _dirent_encode_c(fsseed, dir_ino, pos, ino, rec_len, ftype, name, _xxh3)
+        if rec is not None:
+            return rec
+        # a field out of its range: struct.pack below says which
     hdr = struct.pack("<QHBB", ino, rec_len, len(name), ftype)
     c = dirent_csum(fsseed, dir_ino, pos, hdr, name)
     return hdr + struct.pack("<I", c) + name
@@ -760,6 +795,8 @@ def encode_dirent(fsseed: int, dir_ino: int, pos: int, ino: int, rec_len: int,
 
 def decode_dirent(fsseed: int, dir_ino: int, pos: int, raw, off: int):
     """(ino, rec_len, ftype, name) of the record at `off` in block bytes `raw`."""
+    if off + DIRENT.size > BLOCK_SIZE:
+        raise FormatError(f"directory {dir_ino} offset {pos}: record header overruns the block")
     ino, rec_len, name_len, ftype, c = DIRENT.unpack_from(raw, off)
     if rec_len < DIRENT_MIN or rec_len % 8 or off + rec_len > BLOCK_SIZE:
         raise FormatError(f"directory {dir_ino} offset {pos}: bad record length {rec_len}")
@@ -769,6 +806,25 @@ def decode_dirent(fsseed: int, dir_ino: int, pos: int, raw, off: int):
     if dirent_csum(fsseed, dir_ino, pos, raw[off:off + DIRENT_CSUM_OFF], name) != c:
         raise FormatError(f"directory {dir_ino} offset {pos}: checksum mismatch")
     return ino, rec_len, ftype, name
+
+
+def parse_dirent_block(fsseed: int, dir_ino: int, base: int, raw) -> list:
+    """[(offset in block, ino, rec_len, ftype, name)] of every record of a
+    directory block at directory offset `base`; FormatError if damaged."""
+    if _dirent_block_c is not None:
+        recs = _dirent_block_c(fsseed, dir_ino, base, raw, _xxh3)
+        if recs is not None:
+            return recs
+        # damaged (or not representable in C): the code below says how
+    out = []
+    off = 0
+    while off < BLOCK_SIZE:
+        ino, rec_len, ftype, name = decode_dirent(fsseed, dir_ino, base + off, raw, off)
+        out.append((off, ino, rec_len, ftype, name))
+        off += rec_len
+    if off != BLOCK_SIZE:
+        raise FormatError(f"directory {dir_ino} block at {base}: records overrun the block")
+    return out
 
 
 # --------------------------------------------------------------------------
