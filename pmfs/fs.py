@@ -100,6 +100,10 @@ class MountOptions:
     inode_cache: int = 65536
     tree_cache: int = 16384
     dir_cache_entries: int = 1_000_000
+    #: speculative preallocation past EOF for small appending writes (like
+    #: XFS's EOF blocks): at most this many blocks (0: never); they are
+    #: freed again at the file's last release
+    eof_prealloc: int = 256
     #: unlinked inodes freed per transaction once the kernel forgets them
     #: (1: each at its own FORGET/release; more: deferred and freed in
     #: batches, like XFS's inode inactivation -- they stay on the orphan
@@ -200,6 +204,8 @@ class FileSystem:
         self.dirs: OrderedDict[int, Directory] = OrderedDict()
         self._dir_entries = 0
         self.lazy: dict[int, Inode] = {}  # inodes with unlogged time changes
+        #: speculative blocks past EOF: ino -> (generation, first, end block)
+        self.eof_blocks: dict[int, tuple[int, int, int]] = {}
         self.lookups: dict[int, int] = {}
         self.opens: dict[int, int] = {}
         #: inodes whose last name went while the kernel held them: freed at
@@ -248,6 +254,8 @@ class FileSystem:
             return
         try:
             if not self.readonly:
+                for ino in list(self.eof_blocks):
+                    self._trim_eof_blocks(ino)
                 self.flush_lazy()
                 self.drain_reclaim()
                 # nothing is open or looked up any more: free the orphans
@@ -452,6 +460,7 @@ class FileSystem:
         if d is not None:
             self._dir_entries -= len(d.entries)
         self.lazy.pop(ino, None)
+        self.eof_blocks.pop(ino, None)
 
     # ------------------------------------------------------------------
     # orphans and freeing
@@ -806,23 +815,30 @@ class FileSystem:
         inode.size = size
 
     def _zero_tail(self, inode: Inode, old_size: int, new_start: int) -> None:
-        """Zero [old_size, new_start) within the old last block, if mapped:
-        bytes past EOF there may be stale after a truncate."""
-        if old_size % BLOCK_SIZE == 0 or new_start <= old_size:
+        """Zero the mapped bytes of [old_size, new_start), which a growing
+        size is about to expose (flushed; the caller's transaction fences).
+        Past EOF they may be stale: the rest of the last block a truncate
+        kept, or -- after a crash -- what an extending write stored into
+        blocks allocated past EOF (fallocate KEEP_SIZE, speculative
+        preallocation) before its size change could commit."""
+        if new_start <= old_size:
             return
-        lblk = old_size // BLOCK_SIZE
-        r = self.tree(inode).lookup(lblk)
-        if r[0] is None:
-            return
-        s, _n, p = r
-        base = (p + lblk - s) * BLOCK_SIZE
-        a = old_size % BLOCK_SIZE
-        b = min(BLOCK_SIZE, new_start - lblk * BLOCK_SIZE)
-        self.img.zero(base + a, b - a, drain=False)
+        lb0 = old_size >> 12
+        t = self.tree(inode)
+        if t.end_block() <= lb0:
+            return  # nothing mapped past the old EOF's block
+        for s, k, p in t.map_range(lb0, ((new_start - 1) >> 12) - lb0 + 1):
+            if p == 0:
+                continue
+            a = max(old_size, s * BLOCK_SIZE)
+            b = min(new_start, (s + k) * BLOCK_SIZE)
+            if b > a:
+                self.img.zero(p * BLOCK_SIZE + (a - s * BLOCK_SIZE), b - a, drain=False)
 
     def _shrink(self, inode: Inode, size: int, **attrs) -> None:
         """Truncate down: one transaction if it fits, else size first (with
         the inode on the orphan list) then the blocks in chunks."""
+        self.eof_blocks.pop(inode.ino, None)  # everything past EOF goes
         now = attrs.pop("now")
         first_free = -(-size // BLOCK_SIZE)
 
@@ -1233,18 +1249,26 @@ class FileSystem:
                 raise
         return inode
 
-    def release(self, ino: int) -> None:
+    def release(self, ino: int) -> bool:
+        """The end of one open.  True if the last one freed preallocated
+        blocks: the file's st_blocks changed (a cache of its attributes,
+        the kernel's, is stale)."""
         c = self.opens.get(ino, 0) - 1
         if c > 0:
             self.opens[ino] = c
-            return
+            return False
         self.opens.pop(ino, None)
+        trimmed = False
         try:
+            if ino in self.eof_blocks:
+                # (its transaction writes the lazily kept times too)
+                trimmed = self._trim_eof_blocks(ino)
             self._flush_lazy_one(ino)
             if not self.lookups.get(ino):
                 self._maybe_reclaim(ino)
         except FormatError as e:
             self.corruption(str(e))
+        return trimmed
 
     @_op
     def read(self, ino: int, off: int, size: int):
@@ -1319,7 +1343,8 @@ class FileSystem:
                 self.drain_reclaim()  # no short write while space waits in the queue
             avail = self.balloc.free
             try:
-                return self._write_fit(inode, off, data, segs, avail)
+                return self._write_fit(inode, off, data, segs, avail,
+                                       off <= inode.size < end)
             except OSError as e:
                 # nothing was written: the extent tree needed blocks too;
                 # leave it room and write what still fits
@@ -1361,9 +1386,11 @@ class FileSystem:
             img.copy(p * BLOCK_SIZE + (a - s * BLOCK_SIZE), data, drain=False,
                      start=a - off, n=b - a)
 
-    def _write_fit(self, inode: Inode, off: int, data, segs, avail: int) -> int:
+    def _write_fit(self, inode: Inode, off: int, data, segs, avail: int,
+                   appends: bool = False) -> int:
         """Write as much of `data` as `avail` new blocks allow (short write);
-        ENOSPC if not even one byte fits."""
+        ENOSPC if not even one byte fits.  `appends`: the write extends the
+        file from within (speculative preallocation past it may follow)."""
         if avail <= 0:
             raise NoSpace()
         left = avail
@@ -1387,7 +1414,8 @@ class FileSystem:
                 segs[-1] = (s, cut - s, p)
             assert sum(k for _s, k, p in segs if p == 0) <= avail
             del lb0
-        return self._write_alloc(inode, off, data, segs)
+            appends = False  # out of space: no speculation
+        return self._write_alloc(inode, off, data, segs, appends)
 
     #: hole runs filled per transaction: bounds the log record of one step
     HOLES_PER_TX = 16
@@ -1410,7 +1438,7 @@ class FileSystem:
             yield segs[i:j]
             i = j
 
-    def _write_alloc(self, inode: Inode, off: int, data, segs) -> int:
+    def _write_alloc(self, inode: Inode, off: int, data, segs, appends: bool = False) -> int:
         """A write that fills holes: one transaction per HOLES_PER_TX holes.
         Returns the bytes written (short if space runs out part-way)."""
         mv = memoryview(data)
@@ -1418,11 +1446,13 @@ class FileSystem:
             mv = mv.cast("B")
         end = off + len(mv)
         done = 0
-        for chunk in self._chunks(segs):
+        chunks = list(self._chunks(segs))
+        for i, chunk in enumerate(chunks):
             a = max(off, chunk[0][0] * BLOCK_SIZE)
             b = min(end, (chunk[-1][0] + chunk[-1][1]) * BLOCK_SIZE)
             try:
-                self._write_alloc_tx(inode, a, mv[a - off:b - off], chunk)
+                self._write_alloc_tx(inode, a, mv[a - off:b - off], chunk,
+                                     appends and i == len(chunks) - 1)
             except OSError as e:
                 if e.errno == errno.ENOSPC and done:
                     return done
@@ -1430,7 +1460,8 @@ class FileSystem:
             done += b - a
         return done
 
-    def _write_alloc_tx(self, inode: Inode, off: int, data, segs) -> None:
+    def _write_alloc_tx(self, inode: Inode, off: int, data, segs,
+                        appends: bool = False) -> None:
         n = len(data)
         end = off + n
         t = self.tree(inode)
@@ -1470,6 +1501,71 @@ class FileSystem:
             if end > inode.size:
                 inode.size = end
             inode.mtime = inode.ctime = now
+            if appends and self.opts.eof_prealloc > 0:
+                self._eof_prealloc(tx, inode, t, -(-end // BLOCK_SIZE), goal,
+                                   sum(k for _s, k, p in segs if p == 0))
+
+    #: files smaller than this get no speculative preallocation (a file
+    #: written in one go and closed would only pay for freeing it again)
+    EOF_PREALLOC_FROM = 64 << 10
+
+    def _eof_prealloc(self, tx, inode: Inode, t: ExtentTree, next_lblk: int, goal,
+                      allocated: int) -> None:
+        """Speculative preallocation (XFS's "EOF blocks"): in the
+        transaction of a small write that appended to a file of 64 KiB or
+        more and left nothing mapped past it, allocate zeroed blocks past
+        the write -- as many as the file has, up to `eof_prealloc` -- so
+        that the appends that follow store data and change the size only,
+        instead of allocating a block and inserting an extent each time.
+        Like fallocate KEEP_SIZE blocks they count in st_blocks and never
+        show in the data; the file's last release frees what is still past
+        EOF (_trim_eof_blocks).  A crash keeps them (zeroed, past EOF) until
+        the file is truncated or deleted."""
+        if inode.size < self.EOF_PREALLOC_FROM or t.end_block() > next_lblk:
+            return
+        want = min(self.opts.eof_prealloc, max(16, next_lblk),
+                   MAX_FILE_SIZE // BLOCK_SIZE - next_lblk)
+        if allocated >= want:
+            return  # large writes allocate enough by themselves
+        if self.balloc.free < 4 * want + 1024:
+            return  # space is short: speculate with none of it
+        ino = inode.ino
+        cur = next_lblk
+        for q, m in self.balloc.alloc(tx, want, goal):
+            self.img.prefault(q * BLOCK_SIZE, m * BLOCK_SIZE)
+            self.img.zero(q * BLOCK_SIZE, m * BLOCK_SIZE, drain=False)
+            t.insert(tx, cur, m, q)
+            inode.blocks += m
+            cur += m
+        old = self.eof_blocks.get(ino)
+        first = next_lblk
+        if old is not None and old[0] == inode.generation:
+            first = min(first, old[1])
+        rec = (inode.generation, first, cur)
+        tx.commit_hook(lambda: self.eof_blocks.__setitem__(ino, rec))
+
+    def _trim_eof_blocks(self, ino: int) -> bool:
+        """Free what is left past EOF of a file's speculative preallocation
+        (True if there was some)."""
+        rec = self.eof_blocks.pop(ino, None)
+        if rec is None or self.readonly:
+            return False
+        gen, first, end = rec
+        inode = self.iget(ino)
+        if inode.generation != gen or not stat.S_ISREG(inode.mode) or not inode.nlink:
+            return False  # freed and reused, or unlinked (its reclaim frees everything)
+        first = max(first, -(-inode.size // BLOCK_SIZE))
+        t = self.tree(inode)
+        end = min(end, t.end_block())
+        if first >= end:
+            return False
+        with self.tx("trim-eof") as tx:
+            self._mod(tx, inode)
+            t = self.tree(inode)
+            for p, n in t.remove(tx, first, end - first):
+                self.balloc.free_blocks(tx, p, n)
+                inode.blocks -= n
+        return True
 
     @_op
     def fsync(self, ino: int, datasync: bool = False) -> None:
@@ -1591,6 +1687,8 @@ class FileSystem:
         end = off + length
         if end > MAX_FILE_SIZE:
             raise _err(errno.EFBIG)
+        # the blocks past EOF are the caller's from now on: never trimmed
+        self.eof_blocks.pop(ino, None)
         if mode & FALLOC_FL_PUNCH_HOLE:
             if not mode & FALLOC_FL_KEEP_SIZE:
                 raise _err(errno.EOPNOTSUPP)

@@ -238,7 +238,15 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     def release(self, fh):
-        self.fs.release(fh)
+        if self.fs.release(fh):
+            # the last close freed blocks preallocated past EOF: the
+            # kernel's cached st_blocks is stale (attributes only: no page
+            # is affected, and without the writeback cache nothing blocks)
+            try:
+                pyfuse3.invalidate_inode(fh, attr_only=True)
+            except OSError as e:  # ENOENT: the kernel no longer knows it
+                if e.errno != errno.ENOENT:
+                    log.debug("could not invalidate inode %d: %s", fh, e)
 
     @_handler
     def fsync(self, fh, datasync):

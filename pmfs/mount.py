@@ -74,6 +74,7 @@ class Config:
         self.readahead_kb = 4096
         self.spin_us = 50
         self.reclaim_batch = 64
+        self.eof_prealloc = 256
 
 
 def _number(key: str, val: str, conv, lo, hi=None):
@@ -126,6 +127,8 @@ def parse_options(text_list) -> Config:
                 cfg.spin_us = _number(key, val, int, 0)
             elif key == "reclaim_batch" and eq:
                 cfg.reclaim_batch = _number(key, val, int, 1)
+            elif key == "eof_prealloc" and eq:
+                cfg.eof_prealloc = _number(key, val, int, 0, 1 << 20)
             elif key == "force_recovery":
                 cfg.recover_foreign = True
             elif key in _FUSE_FLAGS:
@@ -159,6 +162,10 @@ def build_parser(prog: str) -> ArgumentParser:
                "reclaim_batch=N (unlinked inodes the kernel has forgotten are freed N "
                "per transaction, default 64, and at statfs, sync, a full file system, "
                "every 5 s and unmount; 1 frees each at once), "
+               "eof_prealloc=BLOCKS (a file of 64 KiB or more that grows by small "
+               "appends gets up to this many zeroed 4 KiB blocks allocated past its "
+               "end in advance, as many as it has, freed again at its last close; "
+               "default 256; 0 never), "
                "nosuid|suid, nodev|dev, noexec|exec, dirsync (passed to the kernel), "
                "force_recovery (recover an image marked as mounted on another host). "
                "Generic fstab options (defaults, rw, auto, nofail, _netdev, ...) are "
@@ -392,7 +399,8 @@ class Daemon:
             self._refuse_foreign_owner()
             self.fs = FileSystem(self.img, MountOptions(readonly=readonly, sync=cfg.sync,
                                                         atime=cfg.atime,
-                                                        reclaim_batch=cfg.reclaim_batch))
+                                                        reclaim_batch=cfg.reclaim_batch,
+                                                        eof_prealloc=cfg.eof_prealloc))
         except BaseException:
             self.img.close()
             raise

@@ -129,7 +129,7 @@ def mount_option_keys() -> set[str]:
 
 _VALUES = {"log": "/tmp/x.log", "fsname": "x", "subtype": "x", "backend": "msync",
            "attr_timeout": "2", "entry_timeout": "2", "readahead": "1024", "spin": "7",
-           "reclaim_batch": "8"}
+           "reclaim_batch": "8", "eof_prealloc": "16"}
 #: -o options the code accepts but mount.pmfs --help does not name
 _UNDOCUMENTED: set = set()
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import fresh_image
 from pmfs.fs import FileSystem, MountOptions
-from test_core_helpers import (BS, ROOT, expect_errno, free_counts, mkfile, read_all,
+from test_core_helpers import (BS, ROOT, crash_mount, expect_errno, free_counts, mkfile, read_all,
                                remount)
 
 
@@ -332,6 +332,7 @@ def test_fallocate_enospc(memfs):
 def test_write_returns_and_reads_many_sizes(memfs):
     fs = memfs
     f = mkfile(fs, ROOT, b"f")
+    fs.open(f, os.O_WRONLY)
     model = bytearray()
     off = 0
     for n in (1, 4095, 4096, 4097, 8191, 12289, 65536, 3, 100000):
@@ -340,6 +341,7 @@ def test_write_returns_and_reads_many_sizes(memfs):
         model[off:off + n] = buf
         off += n
     assert read_all(fs, f) == bytes(model)
+    fs.release(f)  # the last close frees any speculative preallocation
     assert fs.getattr(f).blocks == -(-len(model) // BS)
 
 
@@ -494,3 +496,196 @@ def test_copy_range(memfs, monkeypatch):
     n = fs.copy_range(big, 0, out, 0, (b0 + 50) * BS)
     assert 0 < n < (b0 + 50) * BS and fs.getattr(out).size == n
     expect_errno(errno.ENOSPC, fs.copy_range, big, n, out, n, 10 * BS)
+
+
+# -- speculative preallocation past EOF (appending writers) -------------------
+
+def _append(fs, f, n, size=BS, byte=None):
+    off = fs.getattr(f).size
+    for i in range(n):
+        data = bytes([byte if byte is not None else (off // size + i) & 0xFF]) * size
+        assert fs.write(f, off + i * size, data) == size
+
+
+def _fsck_clean(img):
+    from pmfs.fsck import Fsck
+    res = Fsck(img, real=False, force=True, out=None, headers=False).run()
+    assert res.clean, res.problems
+
+
+def test_appends_preallocate_past_eof_and_the_last_release_frees_it(memfs):
+    fs = memfs
+    b0, _ = free_counts(fs)
+    f = mkfile(fs, ROOT, b"log")
+    fs.open(f, os.O_WRONLY)
+    _append(fs, f, 15)
+    assert fs.getattr(f).blocks == 15
+    _append(fs, f, 1)  # the file reaches 64 KiB: this append speculates
+    a = fs.getattr(f)
+    assert a.size == 16 * BS and a.blocks == 16 + 16  # as many as the file has
+    assert fs.eof_blocks[f][1:] == (16, 32)
+    _append(fs, f, 16)  # these fill the preallocated blocks: no allocation
+    assert fs.getattr(f).blocks == 32
+    _append(fs, f, 1)  # the next one doubles again
+    assert fs.getattr(f).blocks == 33 + 33
+    # nothing of it shows: size, data, reads past EOF, SEEK_HOLE
+    size = fs.getattr(f).size
+    assert size == 33 * BS
+    want = b"".join(bytes([i & 0xFF]) * BS for i in range(33))
+    assert read_all(fs, f) == want
+    assert bytes(fs.read(f, size, 100)) == b""
+    assert fs.seek(f, 0, os.SEEK_HOLE) == size
+    fs.release(f)
+    assert fs.getattr(f).blocks == 33
+    assert f not in fs.eof_blocks
+    assert free_counts(fs)[0] == b0 - 33
+    assert read_all(fs, f) == want
+    fs = remount(fs)
+    assert fs.getattr(f).blocks == 33 and read_all(fs, f) == want
+    fs.close()
+    _fsck_clean(fs.img)
+
+
+def test_preallocation_stays_within_bounds(memfs):
+    fs = memfs
+    f = mkfile(fs, ROOT, b"f")
+    fs.open(f, os.O_WRONLY)
+    _append(fs, f, 300)  # past 1 MiB: capped at eof_prealloc blocks
+    a = fs.getattr(f)
+    assert a.blocks - 300 <= MountOptions().eof_prealloc
+    # small files and large writes get none
+    g = mkfile(fs, ROOT, b"g")
+    fs.open(g, os.O_WRONLY)
+    _append(fs, g, 10)
+    assert fs.getattr(g).blocks == 10
+    h = mkfile(fs, ROOT, b"h", b"x" * (64 << 10))
+    fs.open(h, os.O_WRONLY)
+    assert fs.write(h, 64 << 10, b"y" * (1 << 20)) == 1 << 20
+    assert fs.getattr(h).blocks == 16 + 256
+    # writes that do not extend the file from within get none
+    k = mkfile(fs, ROOT, b"k", b"z" * (64 << 10))
+    fs.open(k, os.O_WRONLY)
+    assert fs.write(k, 1 << 20, b"q") == 1  # sparse, past EOF
+    assert fs.getattr(k).blocks == 17
+    for ino in (f, g, h, k):
+        fs.release(ino)
+    assert fs.getattr(f).blocks == 300
+    # and the option turns it off
+    fs2 = FileSystem(fresh_image(), MountOptions(eof_prealloc=0))
+    m = mkfile(fs2, ROOT, b"m")
+    fs2.open(m, os.O_WRONLY)
+    _append(fs2, m, 40)
+    assert fs2.getattr(m).blocks == 40
+    fs2.close()
+
+
+def test_preallocation_never_takes_the_last_free_space():
+    fs = FileSystem(fresh_image(4 << 20), MountOptions())
+    f = mkfile(fs, ROOT, b"f")
+    fs.open(f, os.O_WRONLY)
+    free0, _ = free_counts(fs)
+    n = 0
+    while True:  # append until the file system is full: no short count, no leak
+        try:
+            assert fs.write(f, n * BS, b"a" * BS) == BS
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+            break
+        n += 1
+        assert fs.getattr(f).blocks <= n + max(16, n)
+    assert n >= free0 - 8  # only the extent tree's own blocks are missing
+    fs.release(f)
+    assert fs.getattr(f).size == n * BS
+    fs.close()
+    _fsck_clean(fs.img)
+
+
+def test_users_blocks_past_eof_are_never_trimmed(memfs):
+    fs = memfs
+    f = mkfile(fs, ROOT, b"f")
+    fs.open(f, os.O_WRONLY)
+    _append(fs, f, 16)
+    assert fs.getattr(f).blocks == 32
+    fs.fallocate(f, 1, 0, 40 * BS)  # KEEP_SIZE: the caller's blocks from now on
+    fs.release(f)
+    assert fs.getattr(f).blocks == 40
+    # truncate up into the speculative range: blocks below the new EOF stay
+    g = mkfile(fs, ROOT, b"g")
+    fs.open(g, os.O_WRONLY)
+    _append(fs, g, 16)
+    assert fs.getattr(g).blocks == 32
+    fs.setattr(g, size=20 * BS + 1)
+    assert read_all(fs, g)[16 * BS:] == bytes(4 * BS + 1)
+    fs.release(g)
+    assert fs.getattr(g).blocks == 21
+
+
+def test_unmount_frees_the_preallocation_of_open_files(memfs):
+    fs = memfs
+    f = mkfile(fs, ROOT, b"f")
+    fs.open(f, os.O_WRONLY)
+    _append(fs, f, 20)
+    assert fs.getattr(f).blocks > 20
+    fs = remount(fs)  # still open: close frees it
+    assert fs.getattr(f).blocks == 20
+    fs.close()
+    _fsck_clean(fs.img)
+
+
+def test_unlinked_file_with_preallocation_frees_everything(memfs):
+    fs = memfs
+    b0, i0 = free_counts(fs)
+    f = mkfile(fs, ROOT, b"f")
+    fs.open(f, os.O_WRONLY)
+    _append(fs, f, 20)
+    fs.unlink(ROOT, b"f")
+    fs.release(f)
+    assert free_counts(fs) == (b0, i0)
+    # a new file in the old slot is not trimmed by the old record
+    g = mkfile(fs, ROOT, b"g")
+    fs.fallocate(g, 1, 0, 30 * BS)
+    fs.open(g, os.O_WRONLY)
+    fs.release(g)
+    assert fs.getattr(g).blocks == 30
+
+
+def test_preallocation_after_a_crash_is_kept_and_never_shows(memfs):
+    fs = memfs
+    f = mkfile(fs, ROOT, b"f")
+    fs.open(f, os.O_WRONLY)
+    _append(fs, f, 16)
+    fs.fsync(f)
+    fs2 = crash_mount(fs)
+    a = fs2.getattr(f)
+    assert a.size == 16 * BS and a.blocks == 32  # zeroed blocks past EOF, like KEEP_SIZE
+    assert bytes(fs2.read(f, 0, 1 << 20)) == read_all(fs, f)
+    fs2.close()
+    _fsck_clean(fs2.img)
+
+
+@pytest.mark.parametrize("grow", ["truncate", "write-past-gap", "fallocate"])
+def test_growing_zeroes_stale_bytes_left_past_eof(memfs, grow):
+    """An extending write stores its data before its size change commits:
+    a crash in between leaves those bytes in blocks allocated past EOF
+    (KEEP_SIZE or speculative).  Growing the file over them later must
+    show zeros, not them."""
+    fs = memfs
+    f = mkfile(fs, ROOT, b"f", b"A" * 5000)
+    fs.fallocate(f, 1, 0, 8 * BS)
+    # what the crashed write left: bytes past EOF in the allocated blocks
+    for s, k, p in fs.tree(fs.getattr(f)).map_range(0, 8):
+        fs.img.write(p * BS, b"S" * (k * BS))
+    mapped = {s: p for s, k, p in fs.tree(fs.getattr(f)).map_range(0, 8) if p}
+    assert mapped
+    # the file's own bytes were overwritten too by this simulation: restore them
+    assert fs.write(f, 0, b"A" * 5000) == 5000
+    if grow == "truncate":
+        fs.setattr(f, size=8 * BS)
+    elif grow == "write-past-gap":
+        assert fs.write(f, 7 * BS, b"B" * BS) == BS
+    else:
+        fs.fallocate(f, 0, 0, 8 * BS)
+    data = read_all(fs, f)
+    assert data[:5000] == b"A" * 5000
+    tail = data[5000:7 * BS] if grow == "write-past-gap" else data[5000:]
+    assert tail == bytes(len(tail))

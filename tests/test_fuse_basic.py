@@ -211,3 +211,25 @@ def test_second_mount_refused(pmfs_mount, shm_dir):
     assert r.returncode == 32
     assert "already mounted" in r.stderr
     assert not fuse_mounted(other)
+
+
+def test_small_appends_preallocate_and_close_frees_it(pmfs_mount):
+    """A file growing by 4 KiB appends gets blocks past EOF in advance
+    (st_blocks shows them while it is open); the last close frees them
+    (RELEASE is asynchronous: allow it to arrive)."""
+    import time
+    m = pmfs_mount.path
+    p = os.path.join(m, "log")
+    with open(p, "wb", buffering=0) as f:
+        for i in range(40):
+            f.write(bytes([i]) * 4096)
+        st = os.fstat(f.fileno())
+        assert st.st_size == 40 * 4096
+        assert st.st_blocks > 40 * 8  # preallocated past EOF
+        f.flush()
+    deadline = time.monotonic() + 3
+    while os.stat(p).st_blocks != 40 * 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.stat(p).st_blocks == 40 * 8
+    with open(p, "rb") as f:
+        assert f.read() == b"".join(bytes([i]) * 4096 for i in range(40))

@@ -37,7 +37,7 @@ _pmfs_mount() {
         # comma-separated: complete the last item, keep the ones before
         local done='' last=$cur
         if [[ $cur == *,* ]]; then done=${cur%,*},; last=${cur##*,}; fi
-        COMPREPLY=($(compgen -P "$done" -W "allow_other atime attr_timeout= backend= debug dev dirsync entry_timeout= exec force_recovery fsname= log= noatime nodev noexec nosuid readahead= reclaim_batch= relatime ro spin= strictatime subtype= suid sync" -- "$last"))
+        COMPREPLY=($(compgen -P "$done" -W "allow_other atime attr_timeout= backend= debug dev dirsync entry_timeout= eof_prealloc= exec force_recovery fsname= log= noatime nodev noexec nosuid readahead= reclaim_batch= relatime ro spin= strictatime subtype= suid sync" -- "$last"))
         compopt -o nospace 2>/dev/null
         return 0
     fi
