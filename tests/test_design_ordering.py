@@ -109,6 +109,15 @@ def _queued_orphans(fs):
     return _open_unlinked(fs)
 
 
+def _appended(fs):
+    """An open file grown to 17 blocks by appends: blocks preallocated past EOF."""
+    ino = _file(fs, b"a", b"a" * (16 * BLOCK_SIZE))
+    fs.open(ino, os.O_WRONLY)
+    fs.write(ino, 16 * BLOCK_SIZE, b"b" * BLOCK_SIZE)
+    assert ino in fs.eof_blocks
+    return ino
+
+
 #: scenario -> (mount with -o sync?, set-up(fs) -> state, the operation(fs, state))
 SCENARIOS = {
     "create": (False, lambda fs: None, lambda fs, s: fs.create(R, b"c", 0o644)),
@@ -148,6 +157,9 @@ SCENARIOS = {
                    lambda fs, f: fs.fallocate(f, 0x10, 100, 30000)),
     "write-new-blocks": (False, _file, lambda fs, f: fs.write(f, 8192, b"z" * 5000)),
     "write-extend": (False, _file, lambda fs, f: fs.write(f, 100, b"e" * 100)),
+    "write-append-prealloc": (False, lambda fs: _file(fs, data=b"a" * (15 * BLOCK_SIZE)),
+                              lambda fs, f: fs.write(f, 15 * BLOCK_SIZE, b"b" * BLOCK_SIZE)),
+    "release-trim": (False, _appended, lambda fs, f: fs.release(f)),
     "write-overwrite": (False, _file, lambda fs, f: fs.write(f, 0, b"o" * 50)),
     "write-overwrite-sync": (True, _file, lambda fs, f: fs.write(f, 0, b"o" * 50)),
     "fsync": (False, lambda fs: (f := _file(fs), fs.write(f, 0, b"o"))[0],
