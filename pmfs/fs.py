@@ -1527,8 +1527,13 @@ class FileSystem:
                    MAX_FILE_SIZE // BLOCK_SIZE - next_lblk)
         if allocated >= want:
             return  # large writes allocate enough by themselves
-        if self.balloc.free < 4 * want + 1024:
+        if self.balloc.free < 4 * want + 1024 or goal is None:
             return  # space is short: speculate with none of it
+        # only the free run right after the write's last block: one
+        # extent (it extends the write's), never a scatter of fragments
+        want = self.bbm.run_length(goal, want) if goal < self.bbm.nbits else 0
+        if want < 16:
+            return
         ino = inode.ino
         cur = next_lblk
         for q, m in self.balloc.alloc(tx, want, goal):

@@ -689,3 +689,26 @@ def test_growing_zeroes_stale_bytes_left_past_eof(memfs, grow):
     assert data[:5000] == b"A" * 5000
     tail = data[5000:7 * BS] if grow == "write-past-gap" else data[5000:]
     assert tail == bytes(len(tail))
+
+
+def test_preallocation_takes_only_the_free_run_after_the_write(memfs, monkeypatch):
+    """One extent past the write or nothing: never a scatter of fragments."""
+    fs = memfs
+    f = mkfile(fs, ROOT, b"f")
+    fs.open(f, os.O_WRONLY)
+    _append(fs, f, 15)
+    runs = []
+    real = fs.bbm.run_length
+
+    def short(i, maxlen):
+        runs.append((i, maxlen))
+        return min(real(i, maxlen), 5)
+    monkeypatch.setattr(fs.bbm, "run_length", short)
+    _append(fs, f, 1)
+    assert runs and fs.getattr(f).blocks == 16 and f not in fs.eof_blocks
+    monkeypatch.setattr(fs.bbm, "run_length", real)
+    _append(fs, f, 1)
+    t = fs.tree(fs.getattr(f))
+    assert fs.getattr(f).blocks == 17 + 17
+    assert len([seg for seg in t.map_range(0, 34) if seg[2]]) == 1  # one extent
+    assert read_all(fs, f) == b"".join(bytes([i & 0xFF]) * BS for i in range(17))
