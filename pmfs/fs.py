@@ -255,7 +255,10 @@ class FileSystem:
         try:
             if not self.readonly:
                 for ino in list(self.eof_blocks):
-                    self._trim_eof_blocks(ino)
+                    try:
+                        self._trim_eof_blocks(ino)
+                    except (FormatError, OSError) as e:  # kept: zeroed, past EOF
+                        log.error("could not free the preallocation of inode %d: %s", ino, e)
                 self.flush_lazy()
                 self.drain_reclaim()
                 # nothing is open or looked up any more: free the orphans
