@@ -1517,7 +1517,8 @@ class FileSystem:
         """Speculative preallocation (XFS's "EOF blocks"): in the
         transaction of a small write that appended to a file of 64 KiB or
         more and left nothing mapped past it, allocate zeroed blocks past
-        the write -- as many as the file has, up to `eof_prealloc` -- so
+        the write -- as many as the file has without a hole before the
+        write's end, at least 16, up to `eof_prealloc` -- so
         that the appends that follow store data and change the size only,
         instead of allocating a block and inserting an extent each time.
         Like fallocate KEEP_SIZE blocks they count in st_blocks and never
@@ -1526,9 +1527,20 @@ class FileSystem:
         the file is truncated or deleted."""
         if inode.size < self.EOF_PREALLOC_FROM or t.end_block() > next_lblk:
             return
-        want = min(self.opts.eof_prealloc, max(16, next_lblk),
-                   MAX_FILE_SIZE // BLOCK_SIZE - next_lblk)
-        if allocated >= want:
+        # as many blocks as the file has mapped without a hole up to here
+        # (XFS sizes it by the last extent): a file that grows by appends
+        # doubles, a sparse one -- written here and there -- gets none
+        cap = min(self.opts.eof_prealloc, MAX_FILE_SIZE // BLOCK_SIZE - next_lblk)
+        run = 0
+        lb = next_lblk - 1
+        while run < cap and lb >= 0:
+            r = t.lookup(lb)
+            if r[0] is None:
+                break
+            run += lb - r[0] + 1
+            lb = r[0] - 1
+        want = min(cap, run)
+        if want * BLOCK_SIZE < self.EOF_PREALLOC_FROM or allocated >= want:
             return  # large writes allocate enough by themselves
         if self.balloc.free < 4 * want + 1024 or goal is None:
             return  # space is short: speculate with none of it

@@ -712,3 +712,24 @@ def test_preallocation_takes_only_the_free_run_after_the_write(memfs, monkeypatc
     assert fs.getattr(f).blocks == 17 + 17
     assert len([seg for seg in t.map_range(0, 34) if seg[2]]) == 1  # one extent
     assert read_all(fs, f) == b"".join(bytes([i & 0xFF]) * BS for i in range(17))
+
+
+def test_sparse_files_get_no_preallocation(memfs):
+    """A write past EOF that the kernel splits at a page boundary makes
+    its second half look like an append; the file is sparse, so nothing
+    is speculated (the preallocation is sized by the blocks mapped without
+    a hole before the write)."""
+    fs = memfs
+    f = mkfile(fs, ROOT, b"f", b"first")
+    fs.open(f, os.O_RDWR)
+    gib = 1 << 30
+    assert fs.write(f, gib - 3, b"acr") == 3
+    assert fs.write(f, gib, b"oss-1GiB") == 8  # starts at EOF: "appends"
+    assert fs.getattr(f).blocks == 3 and f not in fs.eof_blocks
+    # appended blocks: 15 without a hole are still under 64 KiB
+    _append(fs, f, 13, byte=7)
+    assert fs.getattr(f).blocks == 16 and f not in fs.eof_blocks
+    _append(fs, f, 1, byte=7)  # 16 blocks without a hole: it speculates
+    assert f in fs.eof_blocks and fs.getattr(f).blocks == 17 + 16
+    fs.release(f)
+    assert fs.getattr(f).blocks == 17
