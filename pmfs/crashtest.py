@@ -2149,6 +2149,19 @@ RECLAIM_WORKLOADS = (
 )
 
 
+#: speculative preallocation past EOF: an append to a 64 KiB file takes
+#: blocks past it; appends into them, truncate up over them and a write past
+#: a gap expose them (zeroed).  Long (half a million states): full suite only
+PREALLOC_WORKLOADS = (
+    "creat A/x; write A/x 0 65532 1; write A/x 65532 4100 2; write A/x 69632 4096 3; "
+    "truncate A/x 90000; write A/x 100000 10 4",
+)
+
+
+def prealloc_workloads() -> list[Workload]:
+    return [parse_workload(t, f"prealloc-{i}") for i, t in enumerate(PREALLOC_WORKLOADS)]
+
+
 def reclaim_workloads() -> list[Workload]:
     return [parse_workload(t, f"reclaim-{i}") for i, t in enumerate(RECLAIM_WORKLOADS)]
 
@@ -2173,7 +2186,7 @@ def suite(name: str, cfg: Config = CI_CONFIG) -> list[Workload]:
         n, k = FULL_RANDOM
         rc = reclaim_workloads()
         return (s1 + seq2_workloads(cfg) + with_log(s1, "wrap") + rc + with_log(rc, "wrap")
-                + [random_workload(s, k, cfg) for s in range(n)])
+                + prealloc_workloads() + [random_workload(s, k, cfg) for s in range(n)])
     raise ValueError(f"unknown suite {name!r} (ci, full, seq1, seq2)")
 
 
