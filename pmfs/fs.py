@@ -1550,19 +1550,28 @@ class FileSystem:
         if want < 16:
             return
         ino = inode.ino
-        cur = next_lblk
-        for q, m in self.balloc.alloc(tx, want, goal):
-            self.img.prefault(q * BLOCK_SIZE, m * BLOCK_SIZE)
-            self.img.zero(q * BLOCK_SIZE, m * BLOCK_SIZE, drain=False)
-            t.insert(tx, cur, m, q)
-            inode.blocks += m
-            cur += m
+        self._map_zeroed(tx, inode, t, next_lblk, want, goal)
         old = self.eof_blocks.get(ino)
         first = next_lblk
         if old is not None and old[0] == inode.generation:
             first = min(first, old[1])
-        rec = (inode.generation, first, cur)
+        rec = (inode.generation, first, next_lblk + want)
         tx.commit_hook(lambda: self.eof_blocks.__setitem__(ino, rec))
+
+    def _map_zeroed(self, tx, inode: Inode, t: ExtentTree, lblk: int, n: int, goal) -> int:
+        """Allocate `n` blocks near `goal` for file blocks [lblk, lblk+n),
+        zeroed whole (flushed; the transaction's data fence makes them
+        durable before the extents that map them), mapped and charged to
+        the inode.  Returns the image block after the last one."""
+        tx.data_fence = True
+        for q, m in self.balloc.alloc(tx, n, goal):
+            self.img.prefault(q * BLOCK_SIZE, m * BLOCK_SIZE)
+            self.img.zero(q * BLOCK_SIZE, m * BLOCK_SIZE, drain=False)
+            t.insert(tx, lblk, m, q)
+            inode.blocks += m
+            lblk += m
+            goal = q + m
+        return goal
 
     def _trim_eof_blocks(self, ino: int) -> bool:
         """Free what is left past EOF of a file's speculative preallocation
@@ -1749,14 +1758,7 @@ class FileSystem:
                         continue
                     if goal is None:
                         goal = t.goal_for(s)
-                    cur = s
-                    for q, m in self.balloc.alloc(tx, k, goal):
-                        self.img.prefault(q * BLOCK_SIZE, m * BLOCK_SIZE)
-                        self.img.zero(q * BLOCK_SIZE, m * BLOCK_SIZE, drain=False)
-                        t.insert(tx, cur, m, q)
-                        inode.blocks += m
-                        cur += m
-                        goal = q + m
+                    goal = self._map_zeroed(tx, inode, t, s, k, goal)
                 tx.data_fence = True
                 if last and not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
                     self._zero_tail(inode, inode.size, end)

@@ -68,13 +68,12 @@ from .layout import (BITMAP_BYTES, BITS_PER_BITMAP_BLOCK, BLOCK_SIZE, CACHELINE,
                      INLINE_MAX, INODE_CSUM_OFF, INODE_SIZE, MASK64, MAX_FILE_BLOCKS,
                      MAX_FILE_SIZE, MAX_SYMLINK, ORPHAN_HEAD_INO, ROOT_INO, SB_CLEAN,
                      SB_COMMIT_OFF, SB_CSUM_OFF, SB_FSCK_RUNNING, SB_MAGIC, SB_NEEDS_FSCK,
-                     SB_SIZE, TAG_DIRENT, TAG_INODE, WAL_REC, WAL_REC_SKIP, FormatError, Inode,
+                     SB_SIZE, TAG_INODE, WAL_REC, WAL_REC_SKIP, FormatError, Inode,
                      Superblock, WalHeader, csum64, decode_dirent, decode_extent_node,
                      decode_xattr_block, dirent_size, encode_bitmap_trailer, encode_dirent,
                      encode_extent_node, encode_root_entries, fs_seed, inode_checksum_ok,
-                     verify_bitmap_block, wal_record_header)
+                     parse_dirent_block, verify_bitmap_block, wal_record_header)
 from .layout import _SUPER_SEED  # to re-verify a salvaged superblock replica
-from .layout import _dirent_block_c  # the C directory-block parser, or None
 from .pmem import Image, ImageBusy, open_image
 from .superblock import REPLICA_OFFSETS, SuperblockManager, looks_like_pmfs, read_replicas
 from .wal import WAL, TxTooLarge, WalError
@@ -1487,30 +1486,10 @@ class Fsck:
 
     def _parse_block(self, d: int, base: int, raw: bytes):
         """[(off, ino, rec_len, ftype, name)] of a well-formed block, or None."""
-        if _dirent_block_c is not None:
-            recs = _dirent_block_c(self.seed, d, base, raw, _xxh3)
-            if recs is not None:
-                return recs
-            # damaged, or out of C's ranges: the loop below decides
-        recs = []
-        off = 0
-        seed = self.seed
-        unpack = DIRENT.unpack_from
-        tag = (seed ^ (TAG_DIRENT << 56)) & MASK64
-        dkey = d << 32
-        while off < BLOCK_SIZE:
-            if off + DIRENT.size > BLOCK_SIZE:
-                return None
-            ino, rl, nl, ft, c = unpack(raw, off)
-            if rl < DIRENT.size or rl & 7 or off + rl > BLOCK_SIZE or DIRENT.size + nl > rl:
-                return None
-            name = raw[off + 16:off + 16 + nl]
-            if _xxh3(raw[off:off + 12] + name,
-                     (tag ^ ((dkey ^ (base + off)) * _GOLDEN)) & MASK64) & 0xFFFFFFFF != c:
-                return None
-            recs.append((off, ino, rl, ft, name))
-            off += rl
-        return recs
+        try:
+            return parse_dirent_block(self.seed, d, base, raw)
+        except FormatError:
+            return None
 
     def _salvage_block(self, d: int, base: int, raw: bytes):
         """Keep every record that still verifies; re-tile the block around

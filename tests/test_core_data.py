@@ -507,6 +507,14 @@ def _append(fs, f, n, size=BS, byte=None):
         assert fs.write(f, off + i * size, data) == size
 
 
+def _appending(fs, name, n):
+    """A file opened for writing and grown by n 4 KiB appends."""
+    f = mkfile(fs, ROOT, name)
+    fs.open(f, os.O_WRONLY)
+    _append(fs, f, n)
+    return f
+
+
 def _fsck_clean(img):
     from pmfs.fsck import Fsck
     res = Fsck(img, real=False, force=True, out=None, headers=False).run()
@@ -602,17 +610,13 @@ def test_preallocation_never_takes_the_last_free_space():
 
 def test_users_blocks_past_eof_are_never_trimmed(memfs):
     fs = memfs
-    f = mkfile(fs, ROOT, b"f")
-    fs.open(f, os.O_WRONLY)
-    _append(fs, f, 16)
+    f = _appending(fs, b"f", 16)
     assert fs.getattr(f).blocks == 32
     fs.fallocate(f, 1, 0, 40 * BS)  # KEEP_SIZE: the caller's blocks from now on
     fs.release(f)
     assert fs.getattr(f).blocks == 40
     # truncate up into the speculative range: blocks below the new EOF stay
-    g = mkfile(fs, ROOT, b"g")
-    fs.open(g, os.O_WRONLY)
-    _append(fs, g, 16)
+    g = _appending(fs, b"g", 16)
     assert fs.getattr(g).blocks == 32
     fs.setattr(g, size=20 * BS + 1)
     assert read_all(fs, g)[16 * BS:] == bytes(4 * BS + 1)
@@ -622,9 +626,7 @@ def test_users_blocks_past_eof_are_never_trimmed(memfs):
 
 def test_unmount_frees_the_preallocation_of_open_files(memfs):
     fs = memfs
-    f = mkfile(fs, ROOT, b"f")
-    fs.open(f, os.O_WRONLY)
-    _append(fs, f, 20)
+    f = _appending(fs, b"f", 20)
     assert fs.getattr(f).blocks > 20
     fs = remount(fs)  # still open: close frees it
     assert fs.getattr(f).blocks == 20
@@ -635,25 +637,34 @@ def test_unmount_frees_the_preallocation_of_open_files(memfs):
 def test_unlinked_file_with_preallocation_frees_everything(memfs):
     fs = memfs
     b0, i0 = free_counts(fs)
-    f = mkfile(fs, ROOT, b"f")
-    fs.open(f, os.O_WRONLY)
-    _append(fs, f, 20)
+    f = _appending(fs, b"f", 20)
+    assert f in fs.eof_blocks
     fs.unlink(ROOT, b"f")
     fs.release(f)
     assert free_counts(fs) == (b0, i0)
-    # a new file in the old slot is not trimmed by the old record
+    assert f not in fs.eof_blocks  # freeing the inode dropped its record
+
+
+def test_a_record_of_another_generation_never_trims(memfs):
+    """The record names the inode generation it was made for: a slot freed
+    and used again is never trimmed by a record it outlived."""
+    fs = memfs
     g = mkfile(fs, ROOT, b"g")
-    fs.fallocate(g, 1, 0, 30 * BS)
+    fs.fallocate(g, 1, 0, 30 * BS)  # the caller's blocks past EOF
     fs.open(g, os.O_WRONLY)
-    fs.release(g)
-    assert fs.getattr(g).blocks == 30
+    gen = fs.getattr(g).generation
+    fs.eof_blocks[g] = (gen + 1, 0, 30)  # stale: made for an earlier user of the slot
+    assert fs.release(g) is False
+    assert fs.getattr(g).blocks == 30 and g not in fs.eof_blocks
+    fs.open(g, os.O_WRONLY)
+    fs.eof_blocks[g] = (gen, 0, 30)  # the same record for this generation trims
+    assert fs.release(g) is True
+    assert fs.getattr(g).blocks == 0
 
 
 def test_preallocation_after_a_crash_is_kept_and_never_shows(memfs):
     fs = memfs
-    f = mkfile(fs, ROOT, b"f")
-    fs.open(f, os.O_WRONLY)
-    _append(fs, f, 16)
+    f = _appending(fs, b"f", 16)
     fs.fsync(f)
     fs2 = crash_mount(fs)
     a = fs2.getattr(f)
