@@ -299,6 +299,13 @@ class _FileImage(Image):
         super().__init__(memoryview(mm), size, path, readonly)
         self._anchor = None if readonly else ctypes.c_char.from_buffer(mm)
         self.addr = ctypes.addressof(self._anchor) if self._anchor is not None else 0
+        # tmpfs maps its pages writable on a read fault (no dirty tracking),
+        # and a read populate maps them in batches (fault-around): 3-10x
+        # cheaper per page than a write populate for pages the file already
+        # has.  Elsewhere a read fault maps pages read-only (the first store
+        # faults again), so there the write populate is the one that helps.
+        self._populate = (_MADV_POPULATE_READ if _fs_type(fd) == _TMPFS_MAGIC
+                          else _MADV_POPULATE_WRITE)
 
     def prefault(self, off: int, n: int) -> None:
         global _populate_ok
@@ -306,7 +313,7 @@ class _FileImage(Image):
             return
         a = off & ~(PAGE - 1)
         b = min(self.size, (off + n + PAGE - 1) & ~(PAGE - 1))
-        if _libc().madvise(self.addr + a, b - a, _MADV_POPULATE_WRITE) != 0:
+        if _libc().madvise(self.addr + a, b - a, self._populate) != 0:
             _populate_ok = False  # kernel before 5.14, or a mapping that refuses it
 
     def is_hole(self, off: int, n: int) -> bool:
@@ -473,7 +480,9 @@ class LibpmemImage(_FileImage):
 #: LibpmemImage.store_all: ranges at most this far apart share one flush
 _FLUSH_GAP = 4 * 64
 _NT_COPY_MIN = 16384  # LibpmemImage.copy: from this size on, pmem_memcpy_nodrain
-_MADV_POPULATE_WRITE = 23  # linux >= 5.14
+_MADV_POPULATE_READ = 22  # linux >= 5.14
+_MADV_POPULATE_WRITE = 23
+_TMPFS_MAGIC = 0x01021994
 _populate_ok = True
 _libc_handle = None
 
@@ -484,8 +493,19 @@ def _libc():
         lib = ctypes.CDLL(None, use_errno=True)
         lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         lib.madvise.restype = ctypes.c_int
+        lib.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        lib.fstatfs.restype = ctypes.c_int
         _libc_handle = lib
     return _libc_handle
+
+
+def _fs_type(fd: int) -> int:
+    """f_type of fstatfs(2) for `fd` (0 if it cannot be told)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes
+    lib = _libc()
+    if lib.fstatfs(fd, buf) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buf).value  # f_type: the first field
 
 
 def _address(data: bytes) -> int:

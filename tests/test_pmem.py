@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import subprocess
 import sys
 
@@ -296,3 +297,28 @@ def test_prefault_maps_pages_ahead_of_writes(tmp_path, shm_dir):
     ro.close()
     MemoryImage(SIZE).prefault(0, SIZE)
     TracingImage(MemoryImage(SIZE)).prefault(0, 4096)
+
+
+def test_prefault_kind_follows_the_file_system(tmp_path, shm_dir):
+    """tmpfs maps pages writable on a read fault, so a read populate (far
+    cheaper per page) serves there; anywhere else only a write populate
+    spares the first store its fault."""
+    from pmfs import pmem
+    on_shm = open_image(_file(shm_dir, "a"), backend="msync")
+    assert on_shm._populate == pmem._MADV_POPULATE_READ
+    other = tmp_path / "b.img"
+    with open(other, "wb") as f:
+        f.truncate(SIZE)
+    elsewhere = open_image(str(other), backend="msync")
+    if pmem._fs_type(elsewhere.fd) != pmem._TMPFS_MAGIC:
+        assert elsewhere._populate == pmem._MADV_POPULATE_WRITE
+    # on tmpfs the read populate really maps the pages writable: stores to
+    # them take no page fault afterwards
+    on_shm.prefault(0, 64 * 4096)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for i in range(64):
+        on_shm.write(i * 4096, b"x")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 8
+    assert bytes(on_shm.read(63 * 4096, 1)) == b"x"
+    on_shm.close()
+    elsewhere.close()
