@@ -24,6 +24,7 @@ at a time and no operation awaits.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -710,7 +711,6 @@ class FileSystem:
         self.lookups.pop(ino, None)
         if not self.opens.get(ino):
             try:
-                self._flush_lazy_one(ino)
                 self._maybe_reclaim(ino)
             except FormatError as e:
                 # freeing met damage: fsck frees it (it stays an orphan)
@@ -1266,7 +1266,6 @@ class FileSystem:
             if ino in self.eof_blocks:
                 # (its transaction writes the lazily kept times too)
                 trimmed = self._trim_eof_blocks(ino)
-            self._flush_lazy_one(ino)
             if not self.lookups.get(ino):
                 self._maybe_reclaim(ino)
         except FormatError as e:
@@ -1316,7 +1315,7 @@ class FileSystem:
                                        or now - inode.atime > _DAY_NS):
             return
         inode.atime = now
-        self.lazy[inode.ino] = inode
+        self._lazy(inode)
 
     @_op
     def write(self, ino: int, off: int, data) -> int:
@@ -1367,7 +1366,7 @@ class FileSystem:
                 inode.mtime = inode.ctime = now
         else:
             inode.mtime = inode.ctime = now
-            self.lazy[ino] = inode
+            self._lazy(inode)
             if self.opts.sync:
                 self.fsync(ino)
         return n
@@ -1617,12 +1616,44 @@ class FileSystem:
         with self.tx("inode-times") as tx:
             self._mod(tx, inode)
 
+    #: inodes with time changes kept in DRAM before they are written (a
+    #: bound on the memory they hold; `flush_lazy` then writes them all)
+    LAZY_MAX = 1024
+    #: inodes written per transaction by flush_lazy
+    LAZY_BATCH = 64
+
+    def _lazy(self, inode: Inode) -> None:
+        """Keep `inode`'s new time stamps in DRAM: written by fsync, by the
+        daemon's housekeeping every 5 s, at unmount, with the inode's next
+        transaction, or when LAZY_MAX inodes wait."""
+        lazy = self.lazy
+        lazy[inode.ino] = inode
+        if len(lazy) > self.LAZY_MAX and self.wal.active is None:
+            self.flush_lazy()
+
     def flush_lazy(self) -> None:
-        for ino in list(self.lazy):
+        """Write every pending time change, LAZY_BATCH inodes per
+        transaction (one by one if a batch fails)."""
+        lazy = self.lazy
+        if self.readonly:
+            lazy.clear()
+            return
+        while lazy:
+            batch = [lazy.pop(ino) for ino in list(itertools.islice(lazy, self.LAZY_BATCH))]
             try:
-                self._flush_lazy_one(ino)
-            except (FormatError, OSError) as e:
-                log.error("could not write inode %d: %s", ino, e)
+                with self.tx("inode-times") as tx:
+                    for inode in batch:
+                        if inode.mode:
+                            self._mod(tx, inode)
+                continue
+            except (FormatError, OSError):
+                pass  # aborted: write them one by one
+            for inode in batch:
+                lazy[inode.ino] = inode
+                try:
+                    self._flush_lazy_one(inode.ino)
+                except (FormatError, OSError) as e:
+                    log.error("could not write inode %d: %s", inode.ino, e)
 
     def sync(self) -> None:
         """Everything durable (syncfs); unlinked inodes waiting for a batch

@@ -353,6 +353,70 @@ def test_write_accepts_memoryview_and_bytearray(memfs):
     assert read_all(fs, f) == b"abcef"
 
 
+def test_lazy_times_cost_no_transaction_at_close_and_are_written_in_batches(memfs):
+    """Time stamps kept in DRAM (an overwrite's mtime/ctime, a read's atime)
+    are not written at close; flush_lazy (the 5 s housekeeping, unmount)
+    writes them LAZY_BATCH inodes per transaction; a crash before that
+    loses only those time stamps."""
+    fs = memfs
+    files = [mkfile(fs, ROOT, b"f%d" % i, b"x" * 100) for i in range(150)]
+    for f in files:
+        fs.setattr(f, mtime=1000, ctime=1000)
+    commits = fs.wal.commits
+    for f in files:
+        fs.open(f, os.O_RDWR)
+        assert fs.write(f, 0, b"y") == 1  # an overwrite: lazy mtime
+        fs.release(f)
+    assert fs.wal.commits == commits  # neither the writes nor the closes
+    assert all(fs.getattr(f).mtime > 1000 for f in files)
+    crashed = crash_mount(fs)
+    assert [crashed.getattr(f).mtime for f in files] == [1000] * 150
+    assert all(read_all(crashed, f) == b"y" + b"x" * 99 for f in files)  # the data is there
+    fs.flush_lazy()
+    assert fs.wal.commits == commits + 3  # 64 + 64 + 22 inodes
+    assert not fs.lazy
+    after = crash_mount(fs)
+    assert [after.getattr(f).mtime for f in files] == [fs.getattr(f).mtime for f in files]
+
+
+def test_lazy_times_are_bounded(memfs, monkeypatch):
+    """More than LAZY_MAX inodes with pending times: they are written (the
+    daemon's memory does not grow with the files it touched)."""
+    fs = memfs
+    monkeypatch.setattr(FileSystem, "LAZY_MAX", 40)
+    files = [mkfile(fs, ROOT, b"f%d" % i, b"x") for i in range(100)]
+    for f in files:
+        fs.setattr(f, atime=1, mtime=1000)  # relatime: the next read sets atime
+    for f in files:
+        fs.read(f, 0, 1)
+        assert len(fs.lazy) <= 40
+    crashed = crash_mount(fs)
+    written = sum(crashed.getattr(f).atime > 1 for f in files)
+    assert written >= 100 - 40 - 1
+
+
+def test_a_failing_lazy_batch_is_written_one_by_one(memfs, monkeypatch):
+    fs = memfs
+    files = [mkfile(fs, ROOT, b"f%d" % i, b"x") for i in range(5)]
+    for f in files:
+        fs.setattr(f, mtime=1000)
+        fs.write(f, 0, b"z")
+    calls = []
+    real = fs.tx
+
+    def tx(label):
+        calls.append(label)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "injected")
+        return real(label)
+    monkeypatch.setattr(fs, "tx", tx)
+    fs.flush_lazy()
+    assert calls == ["inode-times"] * 6  # the batch, then each inode alone
+    assert not fs.lazy
+    crashed = crash_mount(fs)
+    assert all(crashed.getattr(f).mtime > 1000 for f in files)
+
+
 def test_relatime_and_noatime(memfs):
     fs = memfs
     f = mkfile(fs, ROOT, b"f", b"abc")
